@@ -1,0 +1,1 @@
+"""hylm: inference engine for hybrid Mamba-2 + (Latent)MoE + attention models."""

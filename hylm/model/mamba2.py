@@ -1,0 +1,106 @@
+"""Mamba-2 mixer: in_proj -> causal conv1d (with state) -> SiLU -> SSD scan (fp32 state) -> gated RMSNorm
+-> out_proj. Sequences with the same number of new tokens run as one dense batch; one-token (decode)
+sequences take the single-step recurrence, longer ones the chunked SSD scan, each from its saved state."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..ops.conv1d import causal_conv1d, causal_conv1d_step
+from ..ops.ssd import ssd_chunked, ssd_step
+from .batch import Batch, State
+from .norm import GatedRMSNorm
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = c.mamba_num_heads, c.mamba_head_dim
+        self.n_groups, self.state_size = c.n_groups, c.ssm_state_size
+        self.d_inner, self.conv_dim = c.mamba_d_inner, c.mamba_conv_dim
+        self.chunk_size = c.chunk_size
+        self.dt_min, self.dt_max = c.time_step_limit
+        self.in_proj = nn.Linear(c.hidden_size, c.mamba_in_proj_size, bias=c.use_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=c.conv_kernel, groups=self.conv_dim,
+                                padding=c.conv_kernel - 1, bias=c.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(self.d_inner, self.n_groups, eps=c.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.d_inner, c.hidden_size, bias=c.use_bias)
+
+    def forward(self, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:
+        """x: [N, D] packed tokens -> [N, D]."""
+        proj = self.in_proj(x)  # [N, d_inner + conv_dim + H]
+        z, xbc, dt = proj.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        y = torch.empty(x.shape[0], self.num_heads, self.head_dim, dtype=torch.float32, device=x.device)
+
+        by_len: dict[int, list[int]] = {}
+        for i, n in enumerate(batch.seq_lens):
+            by_len.setdefault(n, []).append(i)
+        groups = list(by_len.values())
+        for seqs in groups:
+            self._scan_group(seqs, xbc, dt, y, batch, state)
+
+        out = self.norm(y.view(x.shape[0], self.d_inner), z, x.dtype)  # [N, d_inner]
+        return self.out_proj(out)
+
+    def _scan_group(self, seqs: list[int], xbc: torch.Tensor, dt: torch.Tensor, y: torch.Tensor,
+                    batch: Batch, state: State | None) -> None:
+        """Conv + SSM for sequences that all have t new tokens; writes their rows of y [N, H, P]."""
+        t = batch.seq_lens[seqs[0]]
+        b = len(seqs)
+        starts = torch.tensor([batch.offsets[i] for i in seqs], device=xbc.device)
+        rows = (starts[:, None] + torch.arange(t, device=xbc.device)).reshape(-1)  # [b*t]
+        whole = b == batch.num_seqs  # the group is the whole packed batch: use views, not gathers
+        xbc_g = (xbc if whole else xbc[rows]).reshape(b, t, self.conv_dim)  # [b, t, conv_dim]
+        dt_g = (dt if whole else dt[rows]).reshape(b, t, self.num_heads)  # [b, t, H]
+        a = -torch.exp(self.A_log.float())  # [H]
+        dt_g = F.softplus(dt_g.float() + self.dt_bias.float())
+        if self.dt_min > 0 or self.dt_max < math.inf:
+            dt_g = dt_g.clamp(self.dt_min, self.dt_max)
+        conv_w = self.conv1d.weight.squeeze(1)  # [conv_dim, K]
+
+        if state is None:
+            conv_state = ssm_state = None
+        else:
+            conv_all, ssm_all = state.mamba(self.layer_idx)
+            slots = torch.tensor([batch.slots[i] for i in seqs], device=xbc.device)
+            fresh = torch.tensor([batch.context_lens[i] == 0 for i in seqs], device=xbc.device)
+            # a sequence without context starts from zeros, whatever its slot held before
+            conv_state = conv_all[slots].masked_fill(fresh[:, None, None], 0)  # [b, conv_dim, K-1]
+            ssm_state = ssm_all[slots].masked_fill(fresh[:, None, None, None], 0)  # [b, H, P, N]
+
+        if t == 1 and state is not None:
+            h = F.silu(causal_conv1d_step(xbc_g[:, 0], conv_w, self.conv1d.bias, conv_state))  # [b, conv_dim]
+            xs, bmat, cmat = h.split([self.d_inner, self.n_groups * self.state_size,
+                                      self.n_groups * self.state_size], dim=-1)
+            out = ssd_step(ssm_state, xs.view(b, self.num_heads, self.head_dim), dt_g[:, 0], a,
+                           bmat.view(b, self.n_groups, self.state_size), cmat.view(b, self.n_groups, self.state_size),
+                           self.D.float())  # [b, H, P]
+            out = out.unsqueeze(1)  # [b, 1, H, P]
+            final_ssm = ssm_state
+        else:
+            h, conv_state = causal_conv1d(xbc_g, conv_w, self.conv1d.bias, conv_state)
+            h = F.silu(h)  # [b, t, conv_dim]
+            xs, bmat, cmat = h.split([self.d_inner, self.n_groups * self.state_size,
+                                      self.n_groups * self.state_size], dim=-1)
+            out, final_ssm = ssd_chunked(
+                xs.reshape(b, t, self.num_heads, self.head_dim), dt_g, a,
+                bmat.reshape(b, t, self.n_groups, self.state_size), cmat.reshape(b, t, self.n_groups, self.state_size),
+                self.chunk_size, D=self.D.float(), initial_state=ssm_state)  # [b, t, H, P]
+
+        if whole:
+            y.copy_(out.reshape(y.shape))
+        else:
+            y[rows] = out.reshape(b * t, self.num_heads, self.head_dim)
+        if state is not None:
+            conv_all[slots] = conv_state.to(conv_all.dtype)
+            ssm_all[slots] = final_ssm

@@ -1,0 +1,43 @@
+"""Multi-token prediction block (Nemotron 3 Super): drafts token t+2 from the target's final hidden
+state h_t and the embedding of token t+1. Shares the embeddings and lm_head of the main model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .batch import Batch, State
+from .block import Block
+from .norm import RMSNorm
+
+
+class MTPLayer(Block):
+    def __init__(self, config: ModelConfig, kind: str, layer_idx: int, first: bool, last: bool):
+        super().__init__(config, kind, layer_idx)
+        c = config
+        if first:
+            self.enorm = RMSNorm(c.hidden_size, c.layer_norm_epsilon)
+            self.hnorm = RMSNorm(c.hidden_size, c.layer_norm_epsilon)
+            self.eh_proj = nn.Linear(2 * c.hidden_size, c.hidden_size, bias=False)
+        if last:
+            self.final_layernorm = RMSNorm(c.hidden_size, c.layer_norm_epsilon)
+
+
+class MTP(nn.Module):
+    # MTP attention layers get state ids after the main model's layers so their KV stays separate
+    def __init__(self, config: ModelConfig, first_layer_id: int):
+        super().__init__()
+        n = len(config.mtp_pattern)
+        self.layers = nn.ModuleList(
+            MTPLayer(config, kind, first_layer_id + j, first=j == 0, last=j == n - 1)
+            for j, kind in enumerate(config.mtp_pattern))
+
+    def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, batch: Batch, state: State | None
+                ) -> torch.Tensor:
+        """token_embeds, hidden: [N, D] -> the draft hidden state [N, D] (after final_layernorm)."""
+        first = self.layers[0]
+        x = first.eh_proj(torch.cat([first.enorm(token_embeds), first.hnorm(hidden)], dim=-1))  # [N, D]
+        for layer in self.layers:
+            x = layer(x, batch, state)
+        return self.layers[-1].final_layernorm(x)

@@ -1,0 +1,37 @@
+"""RMSNorm and the gated, grouped RMSNorm of the Mamba-2 mixer; both compute in fp32."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # the weight multiplies in fp32 before the cast back, as in NVIDIA's reference
+        return (self.weight.float() * x32).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """y * silu(z) first, then RMSNorm over groups of size/group_count channels, then the weight."""
+
+    def __init__(self, size: int, group_count: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.group_size = size // group_count
+        self.eps = eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        h = y.float() * F.silu(z.float())
+        groups = h.view(*h.shape[:-1], -1, self.group_size)  # [..., G, size/G]
+        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = groups.view(h.shape)  # [..., size]
+        return (self.weight.float() * h).to(out_dtype)

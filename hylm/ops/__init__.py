@@ -1,0 +1,1 @@
+"""Pure tensor operators (SSD scan, causal depthwise conv1d)."""

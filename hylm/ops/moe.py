@@ -1,0 +1,72 @@
+"""Mixture-of-experts routing and grouped dispatch as pure tensor functions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def route_sigmoid_topk(
+    logits: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    normalize: bool = True,
+    scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3-style router used by Nemotron-H.
+
+    logits: [N, E] fp32. Experts are chosen by sigmoid score + correction bias (the bias steers the choice
+    only); with n_group > 1 only the topk_group groups with the largest top-2 sums are eligible. The
+    weights are the un-biased scores of the chosen experts, normalised to sum 1 if asked, times scaling.
+    Returns (weights [N, k] fp32, expert ids [N, k] int64).
+    """
+    scores = logits.sigmoid()
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if n_group > 1:
+        n, e = choice.shape
+        grouped = choice.view(n, n_group, e // n_group)  # [N, groups, experts per group]
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [N, groups]
+        keep = group_scores.topk(topk_group, dim=-1, sorted=False).indices  # [N, topk_group]
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(n, e)  # [N, E]
+        choice = choice.masked_fill(~expert_mask, float("-inf"))
+    ids = choice.topk(top_k, dim=-1, sorted=False).indices  # [N, k]
+    weights = scores.gather(1, ids)
+    if normalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
+def grouped_expert_mlp(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor:
+    """sum_k weights[:, k] * down[e_k] @ relu(up[e_k] @ x)^2 with tokens grouped per expert.
+
+    x: [N, D]; weights, ids: [N, k]; up: [E, I, D]; down: [E, D_out, I]. Tokens are sorted by expert
+    so that each expert runs one GEMM over all of its tokens; the loop is over experts that received
+    tokens, never over tokens. Accumulates in fp32; returns [N, D_out] in x's dtype.
+    """
+    n, k = ids.shape
+    flat_ids = ids.reshape(-1)  # [N*k]
+    order = torch.argsort(flat_ids, stable=True)  # [N*k], assignments grouped by expert
+    token_of = order // k  # [N*k] source token of each sorted assignment
+    counts = torch.bincount(flat_ids, minlength=up.shape[0]).tolist()
+    x_sorted = x[token_of]  # [N*k, D]
+    w_sorted = weights.reshape(-1)[order].unsqueeze(-1)  # [N*k, 1]
+    out_sorted = torch.empty(n * k, down.shape[1], dtype=torch.float32, device=x.device)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        end = start + count
+        h = torch.relu(x_sorted[start:end] @ up[expert].t()).square()
+        out_sorted[start:end] = (h @ down[expert].t()).float() * w_sorted[start:end]
+        start = end
+    out = torch.zeros(n, down.shape[1], dtype=torch.float32, device=x.device)
+    out.index_add_(0, token_of, out_sorted)
+    return out.to(x.dtype)
