@@ -152,8 +152,11 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"pattern", "mtp_pattern", "extra"}
         kwargs: dict[str, Any] = {k: d.pop(k) for k in list(d) if k in names}
         if "time_step_limit" in kwargs and kwargs["time_step_limit"] is not None:
-            lo, hi = kwargs["time_step_limit"]
-            kwargs["time_step_limit"] = (float(lo), float(hi))
+            try:
+                lo, hi = kwargs["time_step_limit"]
+                kwargs["time_step_limit"] = (_json_float(lo), _json_float(hi))
+            except (TypeError, ValueError):
+                raise ConfigError(f"time_step_limit: expected [min, max], got {kwargs['time_step_limit']!r}") from None
         elif "time_step_limit" in kwargs:
             kwargs.pop("time_step_limit")
         if pattern is not None:
@@ -266,6 +269,15 @@ class ModelConfig:
         if self.eos_token_id is None:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
+
+def _json_float(v: Any) -> float:
+    """A number as JSON may spell it: plain, a string like "inf", or transformers' {"__float__": "Infinity"}."""
+    if isinstance(v, dict) and "__float__" in v:
+        v = v["__float__"]
+    if isinstance(v, bool):
+        raise TypeError("bool is not a number")
+    return float(v)
 
 
 def _is_pos_int(v: Any) -> bool:
