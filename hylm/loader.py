@@ -10,6 +10,7 @@ import torch
 from .config import PRESETS, ConfigError, ModelConfig, preset
 from .model import NemotronHModel
 from .model.init import init_weights
+from .model.layout import use_column_major_linears
 from .weights import CheckpointError, load_hf_checkpoint
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -59,6 +60,8 @@ def load_model(path_or_preset: str | os.PathLike | ModelConfig, dtype: str | tor
     else:
         load_hf_checkpoint(model, path_or_preset, dtype=dtype, device=device)
     model.requires_grad_(False)
+    if torch.device(device).type == "cpu":
+        use_column_major_linears(model)
     return model.eval()
 
 

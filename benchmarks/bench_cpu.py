@@ -1,0 +1,185 @@
+"""hylm vs transformers (and llama.cpp once GGUF export exists) on the same random model, same run.
+
+    python3 benchmarks/bench_cpu.py            # full table (a few minutes on 2 cores)
+    python3 benchmarks/bench_cpu.py --quick    # shorter contexts, for a smoke run
+
+Prints prefill tok/s at several prompt lengths, single-stream decode tok/s at those contexts, aggregate
+decode tok/s at several batch sizes, each with the hylm/transformers ratio, plus the decode roofline
+(active weight bytes + KV + state bytes per token over measured memory bandwidth) and hylm's fraction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hylm  # noqa: E402
+from hylm.config import ModelConfig  # noqa: E402
+from hylm.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from hylm.engine.sampling_params import SamplingParams  # noqa: E402
+from hylm.weights import save_hf_checkpoint  # noqa: E402
+
+BENCH = ModelConfig(vocab_size=32000, hidden_size=512, pattern="ME*EMEME", num_attention_heads=8,
+                    num_key_value_heads=2, head_dim=64, mamba_num_heads=16, mamba_head_dim=64, ssm_state_size=64,
+                    n_groups=2, chunk_size=128, n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=256,
+                    moe_shared_expert_intermediate_size=512, moe_latent_size=128, intermediate_size=512,
+                    max_position_embeddings=1 << 20, eos_token_id=2)
+
+
+def measure_bandwidth() -> float:
+    """Read bandwidth in bytes/s: a sum over a buffer far larger than the caches."""
+    x = torch.ones(256 * 1024 * 1024 // 4)
+    x.sum()
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def measure_flops() -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2048 ** 3 / best
+
+
+def active_weight_bytes(model) -> int:
+    c = model.config
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp.") or name == "model.embeddings.weight":
+            continue  # the embedding lookup reads one row
+        n = p.numel()
+        if ".experts." in name:
+            n = n * c.num_experts_per_tok // c.n_routed_experts
+        total += n * p.element_size()
+    return total
+
+
+# ---- hylm ----------------------------------------------------------------------------------------------
+def hylm_prefill(model, length: int) -> float:
+    eng = LLMEngine(model, EngineConfig(max_num_seqs=1, max_model_len=length + 8, max_num_batched_tokens=4096))
+    prompt = torch.randint(3, BENCH.vocab_size, (length,)).tolist()
+    t = time.perf_counter()
+    eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=1))
+    while eng.has_unfinished():
+        eng.step()
+    return length / (time.perf_counter() - t)
+
+
+def hylm_decode(model, batch: int, context: int, new_tokens: int) -> float:
+    eng = LLMEngine(model, EngineConfig(max_num_seqs=batch, max_model_len=context + new_tokens + 8,
+                                        max_num_batched_tokens=4096))
+    for _ in range(batch):
+        eng.add_request(torch.randint(3, BENCH.vocab_size, (context,)).tolist(),
+                        SamplingParams(temperature=0, max_tokens=new_tokens + 1, ignore_eos=True))
+    while any(r.num_output == 0 for r in eng.requests.values()):  # prefill everything first
+        eng.step()
+    produced, t = 0, time.perf_counter()
+    while eng.has_unfinished():
+        produced += len(eng.step())
+    return produced / (time.perf_counter() - t)
+
+
+# ---- transformers --------------------------------------------------------------------------------------
+def load_transformers(directory: Path):
+    from transformers import NemotronHForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    m = NemotronHForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    for mod in m.modules():  # same dt limit as hylm (see REFERENCE: transformers clamps in prefill only)
+        if hasattr(mod, "time_step_limit"):
+            mod.time_step_limit = (0.0, math.inf)
+    return m
+
+
+@torch.inference_mode()
+def hf_prefill(m, length: int) -> float:
+    ids = torch.randint(3, BENCH.vocab_size, (1, length))
+    t = time.perf_counter()
+    m(ids, use_cache=True, logits_to_keep=1)
+    return length / (time.perf_counter() - t)
+
+
+@torch.inference_mode()
+def hf_decode(m, batch: int, context: int, new_tokens: int) -> float:
+    ids = torch.randint(3, BENCH.vocab_size, (batch, context))
+    out = m(ids, use_cache=True, logits_to_keep=1)
+    cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        out = m(nxt, past_key_values=cache, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return batch * new_tokens / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    contexts = [256, 1024] if args.quick else [256, 4096, 16384]
+    batches = [1, 8] if args.quick else [1, 8, 32]
+    new_tokens = 16 if args.quick else 32
+
+    bw, flops = measure_bandwidth(), measure_flops()
+    model = hylm.load_model(BENCH, seed=0)
+    tmp = Path("/tmp/hylm-bench-model")
+    save_hf_checkpoint(model, tmp)
+    hf = None if args.no_transformers else load_transformers(tmp)
+    wbytes = active_weight_bytes(model)
+    kv_tok = BENCH.kv_cache_bytes_per_token(4)
+    state = BENCH.ssm_state_bytes_per_sequence(4)
+    print(f"# model: {BENCH.pattern}, hidden {BENCH.hidden_size}, vocab {BENCH.vocab_size}, fp32, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, active weights {wbytes / 1e6:.1f} MB/token")
+    print(f"# machine: {torch.get_num_threads()} threads, read bandwidth {bw / 1e9:.1f} GB/s, fp32 GEMM {flops / 1e9:.0f} GFLOP/s")
+    print(f"# torch {torch.__version__}")
+    rows = []
+
+    def row(name, h, t, roof=None):
+        ratio = f"{h / t:.2f}x" if t else "-"
+        frac = f"{h / roof:.0%}" if roof else "-"
+        rows.append((name, f"{h:,.0f}", f"{t:,.0f}" if t else "-", ratio, f"{roof:,.0f}" if roof else "-", frac))
+        print(f"{name:<34} hylm {h:>9,.1f}  transformers {t or 0:>9,.1f}  ratio {ratio:>7}  roofline {roof or 0:>8,.0f}  "
+              f"hylm/roofline {frac}", flush=True)
+
+    for n in contexts:
+        h = hylm_prefill(model, n)
+        t = hf_prefill(hf, n) if hf else None
+        row(f"prefill {n} tok/s", h, t)
+    for n in contexts:
+        h = hylm_decode(model, 1, n, new_tokens)
+        t = hf_decode(hf, 1, n, new_tokens) if hf else None
+        roof = bw / (wbytes + n * kv_tok + 2 * state)
+        row(f"decode @ctx {n} tok/s (batch 1)", h, t, roof)
+    for b in batches:
+        h = hylm_decode(model, b, 128, new_tokens)
+        t = hf_decode(hf, b, 128, new_tokens) if hf else None
+        roof = b * bw / (wbytes + b * (128 * kv_tok + 2 * state))
+        row(f"aggregate decode batch {b} tok/s", h, t, roof)
+
+    print("\n| measurement | hylm | transformers | hylm / transformers | roofline | hylm / roofline |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The engine core: requests in, one batched forward per step, token ids out.
+
+It knows token ids only: text, chat templates and HTTP live above it. Rules a layer above wants applied
+to tokens (a thinking budget, say) reach it through `Request.forced_tokens` and the sampling params.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..model import Batch, NemotronHModel
+from .metrics import EngineMetrics
+from .request import Request, RequestOutput, Status
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import RequestTooLong, Scheduler
+from .state_pool import PoolSizes, StatePool, plan_pool
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 8
+    max_model_len: int | None = None
+    memory_bytes: int | None = None  # state + KV budget; None sizes KV for max_num_seqs x max_model_len
+    block_size: int = 16
+    max_num_batched_tokens: int = 1024
+
+
+class LLMEngine:
+    def __init__(self, model: NemotronHModel, config: EngineConfig | None = None, seed: int = 0):
+        self.model = model
+        self.config = config or EngineConfig()
+        c = self.config
+        dtype = model.lm_head.weight.dtype
+        device = model.lm_head.weight.device
+        self.sizes: PoolSizes = plan_pool(model.config, c.max_num_seqs, c.max_model_len, c.memory_bytes,
+                                          c.block_size, dtype)
+        self.pool = StatePool(model.config, self.sizes, dtype=dtype, device=device)
+        self.scheduler = Scheduler(self.pool, c.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.metrics = EngineMetrics(slots_total=self.sizes.num_slots, blocks_total=self.sizes.num_blocks)
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self._ids = itertools.count()
+        self._rng = torch.Generator().manual_seed(seed)
+        self.eos_ids = set(model.config.eos_token_ids())
+        self.device = device
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not (0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        limit = self.sizes.max_model_len
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(prompt_ids)
+        if max_tokens < 1:
+            raise RequestTooLong(f"the prompt ({len(prompt_ids)} tokens) leaves no room to generate within the "
+                                 f"maximum model length of {limit} tokens")
+        self.scheduler.check_fits(len(prompt_ids), max_tokens)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        # every request samples from its own generator, so its output doesn't depend on the batch
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng))
+        req = Request(request_id, list(prompt_ids), params, next(self._arrivals),
+                      generator=torch.Generator().manual_seed(seed), max_tokens=max_tokens)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        self.metrics.prompt_tokens += len(prompt_ids)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its slot and blocks; False if it is unknown or already done."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self._finish(req, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self.metrics.preemptions += len(sched.preempted)
+        outputs: list[RequestOutput] = []
+        if sched.empty:
+            self._update_gauges()
+            return outputs
+        reqs, counts = sched.requests, sched.num_tokens
+        ids = [t for r, n in zip(reqs, counts) for t in r.token_ids[r.num_computed: r.num_computed + n]]
+        batch = Batch(counts, [r.num_computed for r in reqs], [r.slot for r in reqs])
+        hidden = self.model.hidden_states(torch.tensor(ids, device=self.device), batch, self.pool)  # [N, D]
+        sampling = [i for i, (r, n) in enumerate(zip(reqs, counts)) if r.num_computed + n == len(r.token_ids)]
+        for r, n in zip(reqs, counts):
+            r.num_computed += n
+            if r.pending > 0 or r.num_output == 0:
+                self.metrics.prefill_tokens += n
+        self.metrics.steps += 1
+        if sampling:
+            rows = [batch.offsets[i + 1] - 1 for i in sampling]
+            logits = self.model.logits(hidden[rows])  # [S, V] fp32
+            sreqs = [reqs[i] for i in sampling]
+            self._apply_token_rules(logits, sreqs)
+            out = self.sampler.sample(logits, [r.params for r in sreqs], [r.prompt_ids for r in sreqs],
+                                      [r.output_ids for r in sreqs], [r.generator for r in sreqs])
+            now = time.perf_counter()
+            for j, r in enumerate(sreqs):
+                token = r.forced_tokens.pop(0) if r.forced_tokens else out.token_ids[j]
+                outputs.append(self._append(r, token, out.logprobs[j], out.top_logprobs[j], now))
+        self._update_gauges()
+        return outputs
+
+    def _apply_token_rules(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+        for j, r in enumerate(reqs):
+            if r.num_output < r.params.min_tokens:  # stop tokens may not end the output yet
+                banned = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else self.eos_ids)
+                if banned:
+                    logits[j, list(banned)] = float("-inf")
+
+    def _append(self, r: Request, token: int, logprob, top, now: float) -> RequestOutput:
+        r.token_ids.append(token)
+        if r.params.logprobs is not None:
+            r.logprobs.append(logprob)
+            r.top_logprobs.append(top or [])
+        if r.first_token_time is None:
+            r.first_token_time = now
+            self.metrics.ttft.append(now - r.arrival_time)
+        else:
+            self.metrics.itl.append(now - r.last_token_time)
+        r.last_token_time = now
+        self.metrics.decode_tokens += 1
+        p = r.params
+        if not p.ignore_eos and token in self.eos_ids and r.num_output >= p.min_tokens:
+            self._finish(r, "stop", token)
+        elif token in p.stop_token_ids and r.num_output >= p.min_tokens:
+            self._finish(r, "stop", token)
+        elif r.num_output >= r.max_tokens:
+            self._finish(r, "length")
+        return self._output(r, [token])
+
+    def _output(self, r: Request, new: list[int]) -> RequestOutput:
+        k = len(new)
+        return RequestOutput(r.request_id, new, r.output_ids, len(r.prompt_ids), r.finished, r.finish_reason,
+                             r.stop_reason, r.logprobs[-k:] if r.params.logprobs is not None else [],
+                             r.top_logprobs[-k:] if r.params.logprobs is not None else [])
+
+    def finish(self, request_id: str, reason: str = "stop", stop_reason: int | str | None = None) -> None:
+        """End a request from above (e.g. a stop string matched in its text)."""
+        req = self.requests.get(request_id)
+        if req is not None:
+            self._finish(req, reason, stop_reason)
+
+    def _finish(self, r: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        if r.finished:
+            return
+        r.status = Status.FINISHED
+        r.finish_reason, r.stop_reason = reason, stop_reason
+        self.scheduler.remove(r)
+        self.requests.pop(r.request_id, None)
+        self.metrics.requests_finished[reason] = self.metrics.requests_finished.get(reason, 0) + 1
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        m, pool = self.metrics, self.pool
+        m.num_running, m.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        m.slots_used = self.sizes.num_slots - pool.num_free_slots
+        m.blocks_used = self.sizes.num_blocks - pool.num_free_blocks

@@ -1,0 +1,29 @@
+"""Engine-level counters and latency samples; the server exports them (Prometheus) later."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineMetrics:
+    num_running: int = 0
+    num_waiting: int = 0
+    slots_used: int = 0
+    slots_total: int = 0
+    blocks_used: int = 0
+    blocks_total: int = 0
+    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    prefill_tokens: int = 0  # tokens fed in prefill chunks (recompute after preemption included)
+    decode_tokens: int = 0  # tokens generated
+    steps: int = 0
+    preemptions: int = 0
+    requests_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
+    # latency samples (seconds) since the last drain; a metrics exporter drains them into histograms
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+
+    def drain_latencies(self) -> tuple[list[float], list[float]]:
+        ttft, itl = self.ttft, self.itl
+        self.ttft, self.itl = [], []
+        return ttft, itl

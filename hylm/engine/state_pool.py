@@ -1,0 +1,144 @@
+"""Fixed sequence slots for the Mamba layers' state and a paged KV cache for the attention layers.
+
+A hybrid model's per-sequence memory has two parts: a fixed-size recurrent state (conv window + fp32
+SSM state of every Mamba layer), held in one of `num_slots` slots, and a KV cache that grows with the
+sequence but only for the few attention layers, held in fixed-size blocks listed in a block table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ATTENTION, MAMBA, ModelConfig
+
+
+@dataclass
+class PoolSizes:
+    num_slots: int
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    slot_bytes: int
+    block_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_slots * self.slot_bytes + self.num_blocks * self.block_bytes
+
+    def describe(self) -> str:
+        gib = 1024 ** 3
+        return (f"state pool: {self.num_slots} sequence slots x {self.slot_bytes / 2**20:.2f} MiB, "
+                f"{self.num_blocks} KV blocks x {self.block_size} tokens ({self.num_blocks * self.block_size} tokens, "
+                f"{self.block_bytes * self.num_blocks / 2**20:.1f} MiB), max length {self.max_model_len}, "
+                f"total {self.total_bytes / gib:.3f} GiB")
+
+
+def plan_pool(config: ModelConfig, max_num_seqs: int = 8, max_model_len: int | None = None,
+              memory_bytes: int | None = None, block_size: int = 16, dtype: torch.dtype = torch.float32
+              ) -> PoolSizes:
+    """Size the pool. Without a byte budget every slot can hold a full max_model_len of KV; with one,
+    slots come first (up to max_num_seqs) and the rest of the budget becomes KV blocks."""
+    if max_num_seqs < 1:
+        raise ValueError("max_num_seqs must be >= 1")
+    if block_size < 1:
+        raise ValueError("block_size must be >= 1")
+    max_model_len = max_model_len or config.max_position_embeddings
+    if max_model_len < 2:
+        raise ValueError("max_model_len must be >= 2")
+    elt = torch.empty((), dtype=dtype).element_size()
+    slot_bytes = config.ssm_state_bytes_per_sequence(conv_dtype_bytes=elt)
+    block_bytes = config.kv_cache_bytes_per_token(dtype_bytes=elt) * block_size
+    blocks_per_seq = math.ceil(max_model_len / block_size)
+    has_kv = block_bytes > 0
+    if memory_bytes is None:
+        num_slots, num_blocks = max_num_seqs, (blocks_per_seq * max_num_seqs if has_kv else 0)
+    else:
+        num_slots = min(max_num_seqs, memory_bytes // max(slot_bytes, 1)) if slot_bytes else max_num_seqs
+        if num_slots < 1:
+            raise ValueError(f"memory budget {memory_bytes} B cannot hold one sequence's state ({slot_bytes} B)")
+        left = memory_bytes - num_slots * slot_bytes
+        num_blocks = left // block_bytes if has_kv else 0
+        if has_kv and num_blocks < 1:
+            raise ValueError(f"memory budget {memory_bytes} B leaves no room for KV blocks after {num_slots} slots")
+        if has_kv:
+            max_model_len = min(max_model_len, num_blocks * block_size)
+    return PoolSizes(int(num_slots), int(num_blocks), block_size, int(max_model_len), slot_bytes, block_bytes)
+
+
+class StatePool:
+    """Implements the model's `State` protocol over slots and paged KV, plus allocation."""
+
+    def __init__(self, config: ModelConfig, sizes: PoolSizes, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        c = config
+        self.config, self.sizes, self.dtype, self.device = config, sizes, dtype, device
+        self.block_size = sizes.block_size
+        s = sizes.num_slots
+        self.conv = {i: torch.zeros(s, c.mamba_conv_dim, c.conv_kernel - 1, dtype=dtype, device=device)
+                     for i in c.layer_indices(MAMBA)}
+        self.ssm = {i: torch.zeros(s, c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size, dtype=torch.float32,
+                                   device=device) for i in c.layer_indices(MAMBA)}
+        kv_shape = (sizes.num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
+        self.k = {i: torch.zeros(kv_shape, dtype=dtype, device=device) for i in c.layer_indices(ATTENTION)}
+        self.v = {i: torch.zeros(kv_shape, dtype=dtype, device=device) for i in c.layer_indices(ATTENTION)}
+        self.free_slots = list(range(s - 1, -1, -1))  # pop() hands out slot 0 first
+        self.free_blocks = list(range(sizes.num_blocks - 1, -1, -1))
+        self.block_tables: dict[int, list[int]] = {}  # slot -> KV block ids in sequence order
+        self.has_kv = bool(self.k)
+
+    # ---- allocation ----------------------------------------------------------------------------
+    @property
+    def num_free_slots(self) -> int:
+        return len(self.free_slots)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    def blocks_needed(self, slot: int | None, num_tokens: int) -> int:
+        """Extra blocks a sequence needs to hold num_tokens tokens in total."""
+        if not self.has_kv:
+            return 0
+        have = len(self.block_tables.get(slot, [])) if slot is not None else 0
+        return max(0, math.ceil(num_tokens / self.block_size) - have)
+
+    def allocate_slot(self) -> int:
+        slot = self.free_slots.pop()
+        self.block_tables[slot] = []
+        return slot
+
+    def reserve(self, slot: int, num_tokens: int) -> bool:
+        """Make room for num_tokens tokens in slot's KV; False (and no change) when blocks run out."""
+        need = self.blocks_needed(slot, num_tokens)
+        if need > len(self.free_blocks):
+            return False
+        table = self.block_tables[slot]
+        for _ in range(need):
+            table.append(self.free_blocks.pop())
+        return True
+
+    def free(self, slot: int) -> None:
+        self.free_blocks.extend(reversed(self.block_tables.pop(slot)))
+        self.free_slots.append(slot)
+
+    # ---- the model's State protocol -----------------------------------------------------------------
+    def mamba(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.conv[layer], self.ssm[layer]
+
+    def kv_append(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[0]
+        table = torch.tensor(self.block_tables[slot][: math.ceil(end / self.block_size)], device=k.device)
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        pos = torch.arange(start, end, device=k.device)
+        flat = table[pos // self.block_size] * self.block_size + pos % self.block_size  # [t] rows in the flat cache
+        k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [blocks*block_size, Hkv, hd]
+        v_flat = v_cache.view(-1, *v_cache.shape[2:])
+        k_flat[flat] = k.to(k_cache.dtype)
+        v_flat[flat] = v.to(v_cache.dtype)
+        keys = k_cache[table].view(-1, *k_cache.shape[2:])[:end]  # [end, Hkv, hd]
+        values = v_cache[table].view(-1, *v_cache.shape[2:])[:end]
+        return keys, values

@@ -1,0 +1,27 @@
+"""Tiny random models for engine tests: logits spread widely enough that greedy choices are clear."""
+
+import torch
+
+import hylm
+from hylm.config import ModelConfig
+from hylm.model.init import init_weights
+
+TINY = ModelConfig(vocab_size=256, hidden_size=64, pattern="ME*EM-*M", num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, intermediate_size=96, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16,
+                   n_groups=2, chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                   moe_shared_expert_intermediate_size=48, moe_latent_size=24, n_group=2, topk_group=1,
+                   routed_scaling_factor=2.0, eos_token_id=2, max_position_embeddings=4096)
+
+
+def tiny_model(seed: int = 0, config: ModelConfig = TINY):
+    model = hylm.load_model(config, seed=seed)
+    with torch.no_grad():
+        init_weights(model, config, seed=seed, std=0.15)  # larger weights: decisive, input-dependent logits
+        model.lm_head.weight.mul_(3.0)
+    return model
+
+
+def random_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 256) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lens]
