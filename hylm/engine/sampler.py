@@ -174,7 +174,10 @@ class Sampler:
         temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev).unsqueeze(1)
         x = x / temp
         # exactly V Exp(1) variates per row, drawn in token-id order from the row's own generator
-        noise = torch.stack([self._noise(V, g, dev) for g in generators])
+        noise = torch.empty(S, V, dtype=torch.float32, device=dev)
+        local: dict[torch.device, bool] = {}  # generator device -> same device as the logits
+        for j, g in enumerate(generators):
+            self._noise(noise[j], g, local)
         noise.clamp_min_(torch.finfo(torch.float32).tiny)  # exponential_ may return 0: avoid p / 0
         out = torch.empty(S, dtype=torch.long, device=dev)
 
@@ -209,26 +212,30 @@ class Sampler:
             out[fi] = order.gather(1, choice).squeeze(1)
         return out
 
-    def _noise(self, V: int, gen: torch.Generator | None, dev: torch.device) -> torch.Tensor:
-        """V Exp(1) variates on `dev` from `gen`.
+    def _noise(self, buf: torch.Tensor, gen: torch.Generator | None, local: dict) -> None:
+        """Fill the contiguous row `buf` [V] with Exp(1) variates from `gen`.
 
         When the generator lives on another device than the logits (the usual CPU generator with
         CUDA logits) the row draws one 62-bit seed from its generator and a per-device generator,
         reseeded with it, makes the V variates on the device: still a fixed-size draw per token, and
-        no [V] transfer from host.
+        no [V] transfer from the host.
         """
-        buf = torch.empty(V, dtype=torch.float32, device=dev)
         if gen is None:
-            return buf.exponential_()
-        if _same_device(gen.device, dev):
-            return buf.exponential_(generator=gen)
+            buf.exponential_()
+            return
+        same = local.get(gen.device)
+        if same is None:
+            same = local[gen.device] = _same_device(gen.device, buf.device)
+        if same:
+            buf.exponential_(generator=gen)
+            return
         seed = int(torch.randint(0, 1 << 62, (1,), generator=gen, device=gen.device))
-        key = str(dev)
+        key = str(buf.device)
         dg = self._device_generators.get(key)
         if dg is None:
-            dg = self._device_generators[key] = torch.Generator(device=dev)
+            dg = self._device_generators[key] = torch.Generator(device=buf.device)
         dg.manual_seed(seed)
-        return buf.exponential_(generator=dg)
+        buf.exponential_(generator=dg)
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]):
         B = len(params)
