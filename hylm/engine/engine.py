@@ -73,6 +73,10 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng))
         req = Request(request_id, list(prompt_ids), params, next(self._arrivals),
                       generator=torch.Generator().manual_seed(seed), max_tokens=max_tokens)
+        tb = params.thinking_budget
+        if tb is not None and tb.budget == 0:
+            req.forced_tokens = list(tb.end_ids)
+            req.thinking_done = True
         self.requests[request_id] = req
         self.scheduler.add(req)
         self.metrics.prompt_tokens += len(prompt_ids)
@@ -117,10 +121,32 @@ class LLMEngine:
                                       [r.output_ids for r in sreqs], [r.generator for r in sreqs])
             now = time.perf_counter()
             for j, r in enumerate(sreqs):
-                token = r.forced_tokens.pop(0) if r.forced_tokens else out.token_ids[j]
-                outputs.append(self._append(r, token, out.logprobs[j], out.top_logprobs[j], now))
+                logprob = out.logprobs[j]
+                if r.forced_tokens:
+                    token = r.forced_tokens.pop(0)
+                    if logprob is not None:
+                        logprob = float(torch.log_softmax(logits[j], -1)[token])
+                else:
+                    token = out.token_ids[j]
+                    self._count_thinking(r, token)
+                outputs.append(self._append(r, token, logprob, out.top_logprobs[j], now))
         self._update_gauges()
         return outputs
+
+    @staticmethod
+    def _count_thinking(r: Request, token: int) -> None:
+        """Enforce the thinking budget: after `budget` reasoning tokens, close the reasoning at the next
+        newline token, or after `grace` more tokens without one."""
+        tb = r.params.thinking_budget
+        if tb is None or r.thinking_done:
+            return
+        if token == tb.end_marker_id:
+            r.thinking_done = True
+            return
+        r.reasoning_tokens += 1
+        if r.reasoning_tokens >= tb.budget and (token in tb.newline_ids or r.reasoning_tokens >= tb.budget + tb.grace):
+            r.forced_tokens.extend(tb.end_ids)
+            r.thinking_done = True
 
     def _apply_token_rules(self, logits: torch.Tensor, reqs: list[Request]) -> None:
         for j, r in enumerate(reqs):

@@ -40,6 +40,8 @@ class Request:
     last_token_time: float | None = None
     # token-level rules a layer above may impose (e.g. a thinking budget): token ids forced next
     forced_tokens: list[int] = field(default_factory=list)
+    reasoning_tokens: int = 0
+    thinking_done: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

@@ -28,6 +28,30 @@ def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+@dataclass(frozen=True)
+class ThinkingBudget:
+    """A reasoning-length rule in token ids; the chat layer fills it from its tokenizer.
+
+    While the output is inside the reasoning (the prompt opened it), each generated token counts. Once
+    `budget` tokens are spent, the reasoning ends at the next token in `newline_ids`, or when `grace`
+    more tokens pass without one; ending it means forcing `end_ids` (e.g. the tokens of "</think>\n").
+    Counting stops for good when the model emits `end_marker_id` itself.
+    """
+    budget: int
+    end_ids: tuple[int, ...]
+    end_marker_id: int
+    newline_ids: frozenset[int] = frozenset()
+    grace: int = 32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 0:
+            raise ValueError(f"reasoning_budget: must be an integer >= 0, got {self.budget!r}")
+        if not self.end_ids:
+            raise ValueError("reasoning_budget: end_ids must not be empty")
+        if self.grace < 0:
+            raise ValueError("reasoning_budget: grace must be >= 0")
+
+
 @dataclass
 class SamplingParams:
     n: int = 1  # independent samples per prompt
@@ -46,6 +70,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus the top k
     skip_special_tokens: bool = True
+    thinking_budget: ThinkingBudget | None = None
 
     def __post_init__(self) -> None:
         # friendly normalisations before checking
