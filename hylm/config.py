@@ -162,7 +162,7 @@ class ModelConfig:
         if pattern is not None:
             kwargs["pattern"] = pattern
         n_mtp = int(kwargs.get("num_nextn_predict_layers", 0) or 0)
-        if mtp is not None:
+        if mtp is not None and n_mtp > 0:  # transformers writes an MTP pattern even without MTP layers
             kwargs["mtp_pattern"] = mtp
         elif n_mtp > 0:
             kwargs["mtp_pattern"] = ATTENTION + MOE  # transformers' default MTP block

@@ -102,7 +102,9 @@ class LLMEngine:
         if sched.empty:
             self._update_gauges()
             return outputs
-        reqs, counts = sched.requests, sched.num_tokens
+        # packed in slot order, so that runs of neighbouring slots are read and written in place
+        order = sorted(range(len(sched.requests)), key=lambda i: sched.requests[i].slot)
+        reqs, counts = [sched.requests[i] for i in order], [sched.num_tokens[i] for i in order]
         ids = [t for r, n in zip(reqs, counts) for t in r.token_ids[r.num_computed: r.num_computed + n]]
         batch = Batch(counts, [r.num_computed for r in reqs], [r.slot for r in reqs])
         hidden = self.model.hidden_states(torch.tensor(ids, device=self.device), batch, self.pool)  # [N, D]

@@ -68,15 +68,22 @@ class Mamba2Mixer(nn.Module):
             dt_g = dt_g.clamp(self.dt_min, self.dt_max)
         conv_w = self.conv1d.weight.squeeze(1)  # [conv_dim, K]
 
+        in_place = False
         if state is None:
             conv_state = ssm_state = None
         else:
             conv_all, ssm_all = state.mamba(self.layer_idx)
-            slots = torch.tensor([batch.slots[i] for i in seqs], device=xbc.device)
-            fresh = torch.tensor([batch.context_lens[i] == 0 for i in seqs], device=xbc.device)
-            # a sequence without context starts from zeros, whatever its slot held before
-            conv_state = conv_all[slots].masked_fill(fresh[:, None, None], 0)  # [b, conv_dim, K-1]
-            ssm_state = ssm_all[slots].masked_fill(fresh[:, None, None, None], 0)  # [b, H, P, N]
+            slot_list = [batch.slots[i] for i in seqs]
+            fresh = [s for s, i in zip(slot_list, seqs) if batch.context_lens[i] == 0]
+            if fresh:  # a sequence without context starts from zeros, whatever its slot held before
+                conv_all[fresh] = 0
+                ssm_all[fresh] = 0
+            lo = slot_list[0]
+            if slot_list == list(range(lo, lo + b)):  # work on the pool's memory directly
+                conv_state, ssm_state, in_place = conv_all[lo: lo + b], ssm_all[lo: lo + b], True
+            else:
+                slots = torch.tensor(slot_list, device=xbc.device)
+                conv_state, ssm_state = conv_all[slots], ssm_all[slots]  # [b, conv_dim, K-1], [b, H, P, N]
 
         if t == 1 and state is not None:
             h = F.silu(causal_conv1d_step(xbc_g[:, 0], conv_w, self.conv1d.bias, conv_state))  # [b, conv_dim]
@@ -101,6 +108,11 @@ class Mamba2Mixer(nn.Module):
             y.copy_(out.reshape(y.shape))
         else:
             y[rows] = out.reshape(b * t, self.num_heads, self.head_dim)
-        if state is not None:
+        if state is not None and in_place:
+            if conv_state.data_ptr() != conv_all[lo: lo + b].data_ptr():
+                conv_all[lo: lo + b] = conv_state
+            if final_ssm.data_ptr() != ssm_all[lo: lo + b].data_ptr():
+                ssm_all[lo: lo + b] = final_ssm
+        elif state is not None:
             conv_all[slots] = conv_state.to(conv_all.dtype)
             ssm_all[slots] = final_ssm
