@@ -144,10 +144,67 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- hylm generate --------------------------------------------------------------------------------------
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a completion for a prompt (offline, in-process)",
+                       description="Generate text (or token ids) for a prompt with the in-process engine.")
+    p.add_argument("model", metavar="MODEL_DIR_OR_PRESET")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,523,77")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--no-stream", action="store_true", help="print the whole result at the end")
+    p.set_defaults(func=cmd_generate)
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise CLIError(f"--prompt-ids: expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine.llm import LLM
+    from .engine.sampling_params import SamplingParams
+
+    resolve_config(args.model)  # a clear error for a bad model before anything loads
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
+                            ignore_eos=args.ignore_eos)
+    max_len = args.max_model_len
+    prompt = args.prompt if args.prompt is not None else _parse_ids(args.prompt_ids)
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=1, max_model_len=max_len)
+    if isinstance(prompt, str) and llm.tokenizer is None:
+        raise CLIError(f"{args.model} has no tokenizer.json: pass --prompt-ids instead of --prompt")
+    text_mode = llm.tokenizer is not None
+    if args.no_stream:
+        out = llm.generate(prompt, params)[0].outputs[0]
+        print(out.text if text_mode else " ".join(map(str, out.token_ids)))
+        print(f"[finish_reason: {out.finish_reason}]", file=sys.stderr)
+        return 0
+    for ev in llm.stream(prompt, params):
+        piece = ev.new_text if text_mode else " ".join(map(str, ev.new_token_ids)) + " "
+        print(piece or "", end="", flush=True)
+        if ev.finished:
+            print(f"\n[finish_reason: {ev.finish_reason}]", file=sys.stderr)
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------------------
 
 # Each entry adds one subcommand; a new subcommand is one `_add_<name>` + `cmd_<name>` pair listed here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ConfigError, OSError) as e:
+    except (CLIError, ConfigError, OSError, ValueError) as e:
         message = " ".join(str(e).split()) or type(e).__name__  # always one line
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
