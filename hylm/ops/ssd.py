@@ -72,85 +72,66 @@ def ssd_chunked(
 ) -> Tuple[Tensor, Tensor]:
     """Chunked SSD scan over a whole sequence (prefill).
 
-    Returns ``(y, final_state)``: y [b, T, H, P] float32 and final_state
-    [b, H, P, N] float32. All math is done in float32. Only
-    ``chunk_size x chunk_size`` decay blocks are materialised (per chunk, head).
+    x: [b, T, H, P]; dt: [b, T, H]; A: [H]; B, C: [b, T, G, N]; D: [H] or None;
+    initial_state: [b, H, P, N] or None. Returns (y [b, T, H, P], final_state [b, H, P, N]), both fp32.
+
+    The result does not depend on chunk_size (up to rounding): it only trades the quadratic intra-chunk
+    work (T * Q per head) against the sequential pass over T / Q chunk states. Everything is laid out
+    head-major and contiguous so that the elementwise passes vectorise and the products are plain bmm.
     """
+    b, T = x.shape[:2]
     H, G = _check_shapes(x, dt, A, B, C)
-    b, T, _, P = x.shape
-    N = B.shape[-1]
-    R = H // G
-    if chunk_size < 1:
-        raise ValueError("chunk_size must be >= 1")
-
+    R, P, N = H // G, x.shape[3], B.shape[-1]
     f32 = torch.float32
-    x = x.to(f32)
-    dt = dt.to(f32)
-    A = A.to(f32)
-    B = B.to(f32)
-    C = C.to(f32)
-
-    if T == 0:
-        y0 = x.new_zeros(b, 0, H, P)  # [b, 0, h, p]
-        if initial_state is None:
-            return y0, x.new_zeros(b, H, P, N)  # [b, h, p, n]
-        return y0, initial_state.to(f32).clone()
-
-    L = min(chunk_size, T)
-    nc = -(-T // L)
-    pad = nc * L - T
-
-    # Padded steps have dt = 0: decay exp(0) = 1 and zero input, so they leave
-    # the state untouched and the final state stays exact.
-    xdt = x * dt.unsqueeze(-1)  # [b, T, H, P]
-    a = dt * A  # [b, T, H]  log-decay per step (<= 0)
-    if pad:
-        xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))  # [b, nc*L, H, P]
-        a = F.pad(a, (0, 0, 0, pad))  # [b, nc*L, H]
-        B = F.pad(B, (0, 0, 0, 0, 0, pad))  # [b, nc*L, G, N]
-        C = F.pad(C, (0, 0, 0, 0, 0, pad))  # [b, nc*L, G, N]
-
-    xdt = xdt.reshape(b, nc, L, G, R, P)  # [b, c, l, g, r, p]
-    a = a.reshape(b, nc, L, G, R).permute(0, 1, 3, 4, 2)  # [b, c, g, r, l]
-    B = B.reshape(b, nc, L, G, N)  # [b, c, l, g, n]
-    C = C.reshape(b, nc, L, G, N)  # [b, c, l, g, n]
-
-    a_cum = a.cumsum(dim=-1)  # [b, c, g, r, l]  inclusive log-decay from chunk start
-    decay = torch.exp(segsum(a))  # [b, c, g, r, l, s]  causal decay s -> l
-
-    # 1) intra-chunk (diagonal blocks): y[l] = sum_{s<=l} (C_l . B_s) decay[l, s] xdt[s]
-    cb = torch.einsum("bclgn,bcsgn->bcgls", C, B)  # [b, c, g, l, s]
-    m = decay * cb.unsqueeze(3)  # [b, c, g, r, l, s]
-    y = torch.einsum("bcgrls,bcsgrp->bclgrp", m, xdt)  # [b, c, l, g, r, p]
-
-    # 2) state contributed by each chunk alone, taken at the chunk's end
-    decay_to_end = decay[..., -1, :]  # [b, c, g, r, s]  exp(sum_{s<k<L} a_k)
-    chunk_states = torch.einsum(
-        "bcgrs,bcsgrp,bcsgn->bcgrpn", decay_to_end, xdt, B
-    )  # [b, c, g, r, p, n]
-
-    # 3) pass states across chunks (sequential over chunks, linear in T)
-    chunk_decay = torch.exp(a_cum[..., -1])  # [b, c, g, r]
     if initial_state is None:
-        state = x.new_zeros(b, G, R, P, N)  # [b, g, r, p, n]
+        state = x.new_zeros(b, H, P, N, dtype=f32)
     else:
-        state = initial_state.to(f32).reshape(b, G, R, P, N).clone()  # [b, g, r, p, n]
-    states_in = []
-    for c in range(nc):
-        states_in.append(state)
-        state = state * chunk_decay[:, c, :, :, None, None] + chunk_states[:, c]  # [b, g, r, p, n]
-    prev = torch.stack(states_in, dim=1)  # [b, c, g, r, p, n]  state entering each chunk
+        state = initial_state.to(f32)
+    if T == 0:
+        return x.new_zeros(b, 0, H, P, dtype=f32), state.clone()
+    Q = min(chunk_size, T)
+    c = -(-T // Q)
+    pad = c * Q - T
 
-    # 4) inter-chunk: y[l] += exp(a_cum[l]) * (state_in @ C_l)
-    y_off = torch.einsum("bclgn,bcgrpn->bclgrp", C, prev)  # [b, c, l, g, r, p]
-    in_decay = torch.exp(a_cum).permute(0, 1, 4, 2, 3)  # [b, c, l, g, r]
-    y = y + y_off * in_decay.unsqueeze(-1)  # [b, c, l, g, r, p]
+    dt32 = dt.to(f32)
+    if pad:  # padded steps have dt = 0: no decay and no input, so the final state is exact
+        dt32 = F.pad(dt32, (0, 0, 0, pad))
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        B = F.pad(B, (0, 0, 0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, 0, 0, pad))
+    dA = (dt32 * A.to(f32)).view(b, c, Q, G, R).permute(0, 3, 4, 1, 2)  # [b, g, r, c, q]
+    cs = torch.cumsum(dA, dim=-1)  # [b, g, r, c, q] decay from chunk start to each position (log)
+    # x * dt in head-major layout: one copy that also makes the bmm operands contiguous
+    xdt = (x.to(f32) * dt32.unsqueeze(-1)).view(b, c, Q, G, R, P).permute(0, 3, 4, 1, 2, 5).contiguous()  # [b, g, r, c, q, p]
+    Bc = B.to(f32).view(b, c, Q, G, N).permute(0, 3, 1, 2, 4).contiguous()  # [b, g, c, q, n]
+    Cc = C.to(f32).view(b, c, Q, G, N).permute(0, 3, 1, 2, 4).contiguous()  # [b, g, c, q, n]
 
-    y = y.reshape(b, nc * L, H, P)[:, :T]  # [b, T, h, p]
+    # 1. intra-chunk (diagonal blocks): y_i = sum_{j<=i} C_i.B_j exp(cs_i - cs_j) xdt_j
+    cb = Cc @ Bc.transpose(-1, -2)  # [b, g, c, q(i), q(j)]
+    decay = cs.unsqueeze(-1) - cs.unsqueeze(-2)  # [b, g, r, c, q(i), q(j)]
+    upper = torch.ones(Q, Q, dtype=torch.bool, device=x.device).triu_(1)
+    decay.masked_fill_(upper, float("-inf")).exp_().mul_(cb.unsqueeze(2))
+    y = decay @ xdt  # [b, g, r, c, q, p]
+
+    # 2. each chunk's own end state: sum_j exp(cs_end - cs_j) xdt_j B_j^T
+    to_end = torch.exp(cs[..., -1:] - cs)  # [b, g, r, c, q]
+    chunk_states = (xdt * to_end.unsqueeze(-1)).transpose(-1, -2) @ Bc.unsqueeze(2)  # [b, g, r, c, p, n]
+
+    # 3. pass states across chunks: the state entering chunk k, then the final state
+    chunk_decay = torch.exp(cs[..., -1])  # [b, g, r, c]
+    s = state.view(b, G, R, P, N)  # [b, g, r, p, n]
+    entering = torch.empty(b, G, R, c, P, N, dtype=f32, device=x.device)
+    for k in range(c):
+        entering[:, :, :, k] = s
+        s = s * chunk_decay[..., k, None, None] + chunk_states[:, :, :, k]
+
+    # 4. inter-chunk (off-diagonal) contribution: C_i . state_entering * exp(cs_i)
+    y_off = Cc.unsqueeze(2) @ entering.transpose(-1, -2)  # [b, g, r, c, q, p]
+    y.addcmul_(y_off, torch.exp(cs).unsqueeze(-1))
+    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * Q, H, P)[:, :T]  # [b, T, h, p]
     if D is not None:
-        y = y + x * D.to(f32)[:, None]  # [b, T, h, p]
-    final_state = state.reshape(b, H, P, N)  # [b, h, p, n]
-    return y.contiguous(), final_state
+        y = y + x[:, :T].to(f32) * D.to(f32)[:, None]
+    return y, s.reshape(b, H, P, N).clone()
 
 
 def ssd_step(
