@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hypothesis  # noqa: F401  imported up front: its plugin's late import at session end, while engine
+# threads exist, trips a CPython 3.11 bug in ast.parse ("AST constructor recursion depth mismatch")
 import pytest
 
 
