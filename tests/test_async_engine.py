@@ -72,8 +72,11 @@ def test_bad_request_raises_and_queue_limit(model):
             await consume("x", list(range(3, 60)), SamplingParams(max_tokens=1000))
         long = SamplingParams(max_tokens=600, ignore_eos=True)
         t1 = asyncio.create_task(consume("1", [5, 6], long))
+        while not eng.engine.scheduler.running:  # "1" holds the only slot
+            await asyncio.sleep(0.01)
         t2 = asyncio.create_task(consume("2", [5, 6], long))
-        await asyncio.sleep(0.05)
+        while not eng.engine.scheduler.waiting:  # "2" fills the queue
+            await asyncio.sleep(0.01)
         with pytest.raises(QueueFull):
             await consume("3", [5, 6], long)
         await asyncio.gather(t1, t2)
