@@ -201,10 +201,99 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- hylm chat ------------------------------------------------------------------------------------------
+
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="interactive chat in the terminal (reasoning shown dimmed)",
+                       description="Chat with a model in the terminal. Commands: /think and /nothink toggle "
+                                   "reasoning, /reset clears the conversation, /exit quits.")
+    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--reasoning-budget", type=int, default=None, help="maximum reasoning tokens per answer")
+    p.add_argument("--no-think", action="store_true", help="start with reasoning off")
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat.chat_format import ChatFormat
+    from .engine.llm import LLM
+    from .engine.sampling_params import SamplingParams
+
+    resolve_config(args.model)
+    if not os.path.isfile(os.path.join(args.model, "tokenizer.json")):
+        raise CLIError(f"{args.model} has no tokenizer.json: chat needs a tokenizer")
+    if args.reasoning_budget is not None and args.reasoning_budget < 0:
+        raise CLIError("--reasoning-budget must be >= 0")
+    fmt = ChatFormat.from_dir(args.model)
+    llm = LLM(args.model, tokenizer=fmt.tokenizer, dtype=args.dtype, max_num_seqs=1, max_model_len=args.max_model_len)
+    color = sys.stdout.isatty()
+    thinking = not args.no_think
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"hylm chat: {args.model} (thinking {'on' if thinking else 'off'}; /think, /nothink, /reset, /exit)")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd in ("/think", "/nothink"):
+            thinking = cmd == "/think"
+            print(f"[thinking {'on' if thinking else 'off'}]")
+            continue
+        if cmd == "/reset":
+            history = history[:1] if args.system else []
+            print("[conversation cleared]")
+            continue
+        if not cmd:
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = fmt.prompt(history, enable_thinking=thinking)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed, thinking_budget=fmt.thinking_budget(prompt, args.reasoning_budget))
+        stream = fmt.stream(prompt)
+        in_reasoning = False
+        try:
+            for ev in llm.stream(prompt.ids, params):
+                delta = stream.add(ev.new_token_ids)
+                if ev.finished:
+                    tail = stream.finish()
+                    delta.reasoning += tail.reasoning
+                    delta.content += tail.content
+                if delta.reasoning:
+                    if not in_reasoning and color:
+                        print(DIM, end="")
+                    in_reasoning = True
+                    print(delta.reasoning, end="", flush=True)
+                if delta.content:
+                    if in_reasoning:
+                        print(RESET if color else "", end="\n\n" if not color else "\n")
+                        in_reasoning = False
+                    print(delta.content, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [interrupted]", end="")
+        if in_reasoning and color:
+            print(RESET, end="")
+        print()
+        res = stream.result()
+        history.append({"role": "assistant", "content": res.content or "", "reasoning_content": res.reasoning})
+
+
 # ---- entry point -----------------------------------------------------------------------------------------
 
 # Each entry adds one subcommand; a new subcommand is one `_add_<name>` + `cmd_<name>` pair listed here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_generate]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_generate, _add_chat]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,3 +25,18 @@ def random_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 256) ->
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lens]
+
+
+def tiny_chat_checkpoint(path, seed: int = 0):
+    """A tiny random model with the test tokenizer and chat template: a checkpoint the chat layer, the
+    CLI and the server can load."""
+    from chat_fixtures import build_test_tokenizer
+
+    from hylm.chat.tokenizer import Tokenizer
+    from hylm.weights import save_hf_checkpoint
+
+    build_test_tokenizer(path)
+    vocab = Tokenizer.from_dir(path).vocab_size
+    config = TINY.replace(vocab_size=vocab, eos_token_id=[2, 11])
+    save_hf_checkpoint(tiny_model(seed, config), path)
+    return path
