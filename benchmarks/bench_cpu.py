@@ -160,6 +160,9 @@ def main() -> None:
         print(f"{name:<34} hylm {h:>9,.1f}  transformers {t or 0:>9,.1f}  ratio {ratio:>7}  roofline {roof or 0:>8,.0f}  "
               f"hylm/roofline {frac}", flush=True)
 
+    hylm_prefill(model, 256)  # warm-up: first calls allocate and initialise kernels
+    if hf:
+        hf_prefill(hf, 256)
     for n in contexts:
         h = hylm_prefill(model, n)
         t = hf_prefill(hf, n) if hf else None
