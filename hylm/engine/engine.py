@@ -17,6 +17,7 @@ from .metrics import EngineMetrics
 from .request import Request, RequestOutput, Status
 from .sampler import Sampler
 from .sampling_params import SamplingParams
+from .prefix_cache import PrefixCache
 from .scheduler import RequestTooLong, Scheduler
 from .state_pool import PoolSizes, StatePool, plan_pool
 
@@ -28,6 +29,9 @@ class EngineConfig:
     memory_bytes: int | None = None  # state + KV budget; None sizes KV for max_num_seqs x max_model_len
     block_size: int = 16
     max_num_batched_tokens: int = 1024
+    enable_prefix_caching: bool = False
+    prefix_cache_bytes: int | None = None  # state checkpoints' budget; None: room for 4 x max_num_seqs
+    prefix_cache_interval_blocks: int = 16  # checkpoint long prompts every this many KV blocks
 
 
 class LLMEngine:
@@ -40,7 +44,11 @@ class LLMEngine:
         self.sizes: PoolSizes = plan_pool(model.config, c.max_num_seqs, c.max_model_len, c.memory_bytes,
                                           c.block_size, dtype)
         self.pool = StatePool(model.config, self.sizes, dtype=dtype, device=device)
-        self.scheduler = Scheduler(self.pool, c.max_num_batched_tokens)
+        self.prefix_cache = None
+        if c.enable_prefix_caching:
+            budget = c.prefix_cache_bytes if c.prefix_cache_bytes is not None else 4 * c.max_num_seqs * self.sizes.slot_bytes
+            self.prefix_cache = PrefixCache(self.pool, budget, c.prefix_cache_interval_blocks)
+        self.scheduler = Scheduler(self.pool, c.max_num_batched_tokens, self.prefix_cache)
         self.sampler = Sampler()
         self.metrics = EngineMetrics(slots_total=self.sizes.num_slots, blocks_total=self.sizes.num_blocks)
         self.requests: dict[str, Request] = {}
@@ -113,6 +121,9 @@ class LLMEngine:
             r.num_computed += n
             if r.pending > 0 or r.num_output == 0:
                 self.metrics.prefill_tokens += n
+            if self.prefix_cache is not None and self.prefix_cache.checkpoint_positions(
+                    len(r.prompt_ids), r.num_computed - n, r.num_computed):
+                self.prefix_cache.save(r.slot, r.token_ids[: r.num_computed])
         self.metrics.steps += 1
         if sampling:
             rows = [batch.offsets[i + 1] - 1 for i in sampling]
@@ -193,6 +204,9 @@ class LLMEngine:
     def _finish(self, r: Request, reason: str, stop_reason: int | str | None = None) -> None:
         if r.finished:
             return
+        if self.prefix_cache is not None and reason != "abort" and r.slot is not None and r.num_computed:
+            # the next chat turn starts with this whole conversation: keep its state
+            self.prefix_cache.save(r.slot, r.token_ids[: r.num_computed])
         r.status = Status.FINISHED
         r.finish_reason, r.stop_reason = reason, stop_reason
         self.scheduler.remove(r)

@@ -28,6 +28,7 @@ class Request:
     # prompt followed by the generated tokens; the model has consumed the first num_computed of them
     token_ids: list[int] = field(init=False)
     num_computed: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
     slot: int | None = None
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop", "length" or "abort"

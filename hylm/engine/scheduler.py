@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from .prefix_cache import PrefixCache
 from .request import Request, Status
 from .state_pool import StatePool
 
@@ -31,10 +32,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, pool: StatePool, max_num_batched_tokens: int = 1024):
+    def __init__(self, pool: StatePool, max_num_batched_tokens: int = 1024, prefix_cache: PrefixCache | None = None):
         if max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
         self.pool = pool
+        self.prefix_cache = prefix_cache
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -58,6 +60,38 @@ class Scheduler:
             self.pool.free(request.slot)
             request.slot = None
 
+    def _chunk(self, req: Request, budget: int) -> int:
+        """Tokens to feed this step: all pending ones within the budget, cut where a prefix-cache
+        checkpoint is due so that the state at that position exists after the step."""
+        n = min(req.pending, budget)
+        if self.prefix_cache is not None and n > 1:
+            marks = self.prefix_cache.checkpoint_positions(len(req.prompt_ids), req.num_computed, req.num_computed + n)
+            if marks:
+                n = marks[0] - req.num_computed
+        return n
+
+    def _admit(self, req: Request, budget: int) -> bool:
+        """Give req a slot (resuming from the longest cached prefix) and blocks for its first chunk."""
+        cache = self.prefix_cache
+        hit = cache.match(req.token_ids) if cache is not None and req.num_computed == 0 else None
+        start = hit.length if hit is not None else req.num_computed
+        n = min(req.pending - (start - req.num_computed), budget)
+        need = self.pool.blocks_needed(None, start + n) - (start // self.pool.block_size if hit else 0)
+        if need > self.pool.num_free_blocks and not (cache is not None and cache.free_blocks_for(need, keep=hit)):
+            if cache is not None:
+                cache.record(hit, admitted=False)
+            return False
+        slot = self.pool.allocate_slot()
+        if hit is not None:
+            self.pool.adopt(slot, hit.blocks, hit.length)
+            self.pool.restore(slot, hit.states)
+            req.num_computed = req.cached_tokens = hit.length
+        if cache is not None:
+            cache.record(hit, admitted=True)
+        req.slot = slot
+        self.pool.reserve(slot, req.num_computed + min(req.pending, budget))
+        return True
+
     def _preempt(self, victim: Request) -> None:
         self.running.remove(victim)
         self.pool.free(victim.slot)
@@ -77,10 +111,12 @@ class Scheduler:
             for req in order:
                 if req.status is not Status.RUNNING or id(req) in chosen or (req.pending == 1) != decoding:
                     continue
-                n = min(req.pending, budget)
+                n = self._chunk(req, budget)
                 if n <= 0:
                     break
                 while not self.pool.reserve(req.slot, req.num_computed + n):
+                    if self.prefix_cache is not None and self.prefix_cache.evict_one():
+                        continue  # cached prefixes give way before running requests do
                     victim = max((r for r in self.running), key=lambda r: r.arrival)
                     budget += chosen.pop(id(victim), 0)
                     self._preempt(victim)
@@ -94,14 +130,12 @@ class Scheduler:
         # admit waiting requests, oldest first, while a slot and blocks for their first chunk are free
         while self.waiting and budget > 0 and self.pool.num_free_slots > 0 and not preempted:
             req = self.waiting[0]
-            n = min(req.pending, budget)
-            if self.pool.blocks_needed(None, req.num_computed + n) > self.pool.num_free_blocks:
+            if not self._admit(req, budget):
                 break
             self.waiting.popleft()
-            req.slot = self.pool.allocate_slot()
-            self.pool.reserve(req.slot, req.num_computed + n)
             req.status = Status.RUNNING
             self.running.append(req)
+            n = self._chunk(req, budget)
             chosen[id(req)] = n
             budget -= n
         scheduled = [r for r in self.running if id(r) in chosen]

@@ -87,9 +87,13 @@ class StatePool:
         self.free_slots = list(range(s - 1, -1, -1))  # pop() hands out slot 0 first
         self.free_blocks = list(range(sizes.num_blocks - 1, -1, -1))
         self.block_tables: dict[int, list[int]] = {}  # slot -> KV block ids in sequence order
+        self.refs = [0] * sizes.num_blocks
         self.has_kv = bool(self.k)
 
     # ---- allocation ----------------------------------------------------------------------------
+    # KV blocks are reference-counted: a block may be shared by running sequences and prefix-cache
+    # checkpoints. Shared blocks are always full and never written again; only a sequence's own last
+    # block is written, so sharing needs no copy except for a partially filled block (see `adopt`).
     @property
     def num_free_slots(self) -> int:
         return len(self.free_slots)
@@ -110,6 +114,11 @@ class StatePool:
         self.block_tables[slot] = []
         return slot
 
+    def _new_block(self) -> int:
+        block = self.free_blocks.pop()
+        self.refs[block] = 1
+        return block
+
     def reserve(self, slot: int, num_tokens: int) -> bool:
         """Make room for num_tokens tokens in slot's KV; False (and no change) when blocks run out."""
         need = self.blocks_needed(slot, num_tokens)
@@ -117,12 +126,55 @@ class StatePool:
             return False
         table = self.block_tables[slot]
         for _ in range(need):
-            table.append(self.free_blocks.pop())
+            table.append(self._new_block())
         return True
 
+    def release_blocks(self, blocks: list[int]) -> None:
+        for b in reversed(blocks):
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free_blocks.append(b)
+
     def free(self, slot: int) -> None:
-        self.free_blocks.extend(reversed(self.block_tables.pop(slot)))
+        self.release_blocks(self.block_tables.pop(slot))
         self.free_slots.append(slot)
+
+    # ---- prefix-cache support -------------------------------------------------------------------------
+    def share_blocks(self, slot: int, num_tokens: int) -> list[int]:
+        """Take a reference on the blocks holding slot's first num_tokens tokens (for a checkpoint)."""
+        blocks = self.block_tables[slot][: math.ceil(num_tokens / self.block_size)] if self.has_kv else []
+        for b in blocks:
+            self.refs[b] += 1
+        return list(blocks)
+
+    def adopt(self, slot: int, blocks: list[int], num_tokens: int) -> bool:
+        """Give an empty slot the KV of a cached prefix of num_tokens tokens: full blocks are shared, a
+        partially filled last block is copied (the slot will write into it). False if no block is free."""
+        if not self.has_kv:
+            return True
+        full, partial = divmod(num_tokens, self.block_size)
+        if partial and not self.free_blocks:
+            return False
+        table = self.block_tables[slot]
+        for b in blocks[:full]:
+            self.refs[b] += 1
+            table.append(b)
+        if partial:
+            own = self._new_block()
+            for layer in self.k:
+                self.k[layer][own, :partial] = self.k[layer][blocks[full], :partial]
+                self.v[layer][own, :partial] = self.v[layer][blocks[full], :partial]
+            table.append(own)
+        return True
+
+    def snapshot(self, slot: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of slot's conv and SSM state of every Mamba layer."""
+        return {i: (self.conv[i][slot].clone(), self.ssm[i][slot].clone()) for i in self.conv}
+
+    def restore(self, slot: int, states: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for i, (conv, ssm) in states.items():
+            self.conv[i][slot].copy_(conv)
+            self.ssm[i][slot].copy_(ssm)
 
     # ---- the model's State protocol -----------------------------------------------------------------
     def mamba(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
