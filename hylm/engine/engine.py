@@ -17,6 +17,7 @@ from .metrics import EngineMetrics
 from .request import Request, RequestOutput, Status
 from .sampler import Sampler
 from .sampling_params import SamplingParams
+from . import speculative
 from .prefix_cache import PrefixCache
 from .scheduler import RequestTooLong, Scheduler
 from .state_pool import PoolSizes, StatePool, plan_pool
@@ -32,6 +33,7 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     prefix_cache_bytes: int | None = None  # state checkpoints' budget; None: room for 4 x max_num_seqs
     prefix_cache_interval_blocks: int = 16  # checkpoint long prompts every this many KV blocks
+    speculative_tokens: int = 0  # MTP draft tokens per step (0: off)
 
 
 class LLMEngine:
@@ -41,9 +43,16 @@ class LLMEngine:
         c = self.config
         dtype = model.lm_head.weight.dtype
         device = model.lm_head.weight.device
+        self.spec_k = c.speculative_tokens
+        if self.spec_k < 0:
+            raise ValueError("speculative_tokens must be >= 0")
+        if self.spec_k and model.mtp is None:
+            raise ValueError("speculative_tokens: this model has no MTP block (num_nextn_predict_layers is 0)")
+        if self.spec_k and "M" in model.config.mtp_pattern:
+            raise ValueError("speculative_tokens: MTP blocks with Mamba layers are not supported")
         self.sizes: PoolSizes = plan_pool(model.config, c.max_num_seqs, c.max_model_len, c.memory_bytes,
-                                          c.block_size, dtype)
-        self.pool = StatePool(model.config, self.sizes, dtype=dtype, device=device)
+                                          c.block_size, dtype, with_mtp=bool(self.spec_k))
+        self.pool = StatePool(model.config, self.sizes, dtype=dtype, device=device, with_mtp=bool(self.spec_k))
         self.prefix_cache = None
         if c.enable_prefix_caching:
             budget = c.prefix_cache_bytes if c.prefix_cache_bytes is not None else 4 * c.max_num_seqs * self.sizes.slot_bytes
@@ -81,6 +90,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng))
         req = Request(request_id, list(prompt_ids), params, next(self._arrivals),
                       generator=torch.Generator().manual_seed(seed), max_tokens=max_tokens)
+        req.speculate = bool(self.spec_k) and speculative.eligible(params)
         tb = params.thinking_budget
         if tb is not None and tb.budget == 0:
             req.forced_tokens = list(tb.end_ids)
@@ -104,6 +114,10 @@ class LLMEngine:
     # ---- one step -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        limit = self.sizes.max_model_len
+        for r in self.scheduler.running:  # drafts to plan: never past max_tokens or the model length
+            r.spec_k = max(0, min(self.spec_k, r.max_tokens - r.num_output - 1, limit - len(r.token_ids) - 1)) \
+                if r.speculate and r.pending == 1 else 0
         sched = self.scheduler.schedule()
         self.metrics.preemptions += len(sched.preempted)
         outputs: list[RequestOutput] = []
@@ -113,18 +127,32 @@ class LLMEngine:
         # packed in slot order, so that runs of neighbouring slots are read and written in place
         order = sorted(range(len(sched.requests)), key=lambda i: sched.requests[i].slot)
         reqs, counts = [sched.requests[i] for i in order], [sched.num_tokens[i] for i in order]
-        ids = [t for r, n in zip(reqs, counts) for t in r.token_ids[r.num_computed: r.num_computed + n]]
-        batch = Batch(counts, [r.num_computed for r in reqs], [r.slot for r in reqs])
+        spec = [i for i, (r, n) in enumerate(zip(reqs, counts)) if r.pending == 1 and n > 1]
+        drafts = dict(zip(spec, speculative.draft(self.model, self.pool, [reqs[i] for i in spec]))) if spec else {}
+        ids: list[int] = []
+        for i, (r, n) in enumerate(zip(reqs, counts)):
+            ids += r.token_ids[r.num_computed: r.num_computed + n] if i not in drafts else \
+                [r.token_ids[r.num_computed]] + drafts[i][0]
+        batch = Batch(counts, [r.num_computed for r in reqs], [r.slot for r in reqs],
+                      keep_states=[i in drafts for i in range(len(reqs))] if drafts else None)
         hidden = self.model.hidden_states(torch.tensor(ids, device=self.device), batch, self.pool)  # [N, D]
-        sampling = [i for i, (r, n) in enumerate(zip(reqs, counts)) if r.num_computed + n == len(r.token_ids)]
-        for r, n in zip(reqs, counts):
+        sampling = [i for i, (r, n) in enumerate(zip(reqs, counts))
+                    if i not in drafts and r.num_computed + n == len(r.token_ids)]
+        for i, (r, n) in enumerate(zip(reqs, counts)):
+            if i in drafts:
+                continue
             r.num_computed += n
+            if r.speculate:  # the MTP reads these positions' hidden states at the next draft
+                r.mtp_hidden.append(hidden[batch.offsets[i]: batch.offsets[i + 1]])
             if r.pending > 0 or r.num_output == 0:
                 self.metrics.prefill_tokens += n
             if self.prefix_cache is not None and self.prefix_cache.checkpoint_positions(
                     len(r.prompt_ids), r.num_computed - n, r.num_computed):
                 self.prefix_cache.save(r.slot, r.token_ids[: r.num_computed])
         self.metrics.steps += 1
+        now = time.perf_counter()
+        for i, (drafted, qs) in drafts.items():
+            outputs.append(self._verify(reqs[i], i, batch, hidden, drafted, qs, now))
         if sampling:
             rows = [batch.offsets[i + 1] - 1 for i in sampling]
             logits = self.model.logits(hidden[rows])  # [S, V] fp32
@@ -132,7 +160,6 @@ class LLMEngine:
             self._apply_token_rules(logits, sreqs)
             out = self.sampler.sample(logits, [r.params for r in sreqs], [r.prompt_ids for r in sreqs],
                                       [r.output_ids for r in sreqs], [r.generator for r in sreqs])
-            now = time.perf_counter()
             for j, r in enumerate(sreqs):
                 logprob = out.logprobs[j]
                 if r.forced_tokens:
@@ -145,6 +172,39 @@ class LLMEngine:
                 outputs.append(self._append(r, token, logprob, out.top_logprobs[j], now))
         self._update_gauges()
         return outputs
+
+    def _verify(self, r: Request, i: int, batch: Batch, hidden: torch.Tensor, drafted: list[int],
+                qs: list[torch.Tensor], now: float) -> RequestOutput:
+        """Accept drafts against the target's logits, roll the state back to the last accepted position."""
+        lo = batch.offsets[i]
+        logits = self.model.logits(hidden[lo: batch.offsets[i + 1]])  # [k + 1, V]
+        tokens, n_acc = speculative.accept(r, logits, drafted, qs)
+        for layer, saved in batch.saved_states.items():  # Mamba state after the last valid position
+            conv, ssm = saved[i]
+            self.pool.conv[layer][r.slot].copy_(conv[n_acc])
+            self.pool.ssm[layer][r.slot].copy_(ssm[n_acc])
+        r.num_computed += 1 + n_acc  # KV beyond is stale and gets overwritten
+        r.mtp_hidden.append(hidden[lo: lo + 1 + n_acc])
+        m = self.metrics
+        m.spec_steps += 1
+        m.spec_draft_tokens += len(drafted)
+        m.spec_accepted_tokens += n_acc
+        logprobs = torch.log_softmax(logits, -1) if r.params.logprobs is not None else None
+        new: list[int] = []
+        for j, token in enumerate(tokens):
+            top = None
+            lp = None
+            if logprobs is not None:
+                lp = float(logprobs[j, token])
+                k = r.params.logprobs
+                if k:
+                    vals, idx = logprobs[j].topk(k)
+                    top = list(zip(idx.tolist(), vals.tolist()))
+            out = self._append(r, token, lp, top, now)
+            new.append(token)
+            if r.finished:
+                break
+        return self._output(r, new)
 
     @staticmethod
     def _count_thinking(r: Request, token: int) -> None:

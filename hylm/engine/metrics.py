@@ -19,9 +19,21 @@ class EngineMetrics:
     steps: int = 0
     preemptions: int = 0
     requests_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
+    spec_steps: int = 0  # verification steps
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
     # latency samples (seconds) since the last drain; a metrics exporter drains them into histograms
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens produced per verification step (accepted drafts plus the target's own token)."""
+        return (self.spec_accepted_tokens + self.spec_steps) / self.spec_steps if self.spec_steps else 0.0
 
     def drain_latencies(self) -> tuple[list[float], list[float]]:
         ttft, itl = self.ttft, self.itl

@@ -43,6 +43,11 @@ class Request:
     forced_tokens: list[int] = field(default_factory=list)
     reasoning_tokens: int = 0
     thinking_done: bool = False
+    # speculative decoding with the MTP block
+    speculate: bool = False
+    spec_k: int = 0  # draft tokens planned for this step (0: plain decode)
+    mtp_computed: int = 0  # positions whose MTP KV is valid
+    mtp_hidden: list = field(default_factory=list)  # target hidden states of positions not yet fed to the MTP
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

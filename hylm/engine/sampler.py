@@ -71,6 +71,42 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return (a.index if a.index is not None else cur) == (b.index if b.index is not None else cur)
 
 
+def filtered_probs(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution each row samples from, in token order: softmax of x (already divided by the
+    temperature) restricted by top-k, then top-p, then min-p; rows are not renormalised after the last
+    two filters (divide by the row sum where a true distribution is needed). x: [S, V] -> [S, V]."""
+    S, V = x.shape
+    dev = x.device
+    filt = [j for j, p in enumerate(params) if _has_filters(p, V)]
+    if len(filt) < S:
+        probs = torch.softmax(x, dim=-1)
+    else:
+        probs = torch.empty_like(x)
+    if filt:
+        fi = torch.tensor(filt, device=dev)
+        fp = [params[j] for j in filt]
+        F = len(filt)
+        # work in sorted order (descending, ties by token id) so top-k / top-p are prefixes
+        sx, order = torch.sort(x.index_select(0, fi), dim=-1, descending=True, stable=True)
+        pos = torch.arange(V, device=dev).unsqueeze(0)
+        k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in fp], device=dev).unsqueeze(1)
+        sx = sx.masked_fill(pos >= k, float("-inf"))
+        sp = torch.softmax(sx, dim=-1)  # renormalised after top-k
+        drop = torch.zeros(F, V, dtype=torch.bool, device=dev)
+        if any(p.top_p < 1.0 for p in fp):
+            top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in fp],
+                                 dtype=torch.float32, device=dev).unsqueeze(1)
+            cum = sp.cumsum(dim=-1)
+            before = torch.cat([torch.zeros(F, 1, device=dev), cum[:, :-1]], dim=1)  # exclusive cumsum
+            drop |= before >= top_p  # keeps the first token whose cumulative prob reaches top_p
+        if any(p.min_p > 0.0 for p in fp):
+            min_p = torch.tensor([p.min_p for p in fp], dtype=torch.float32, device=dev).unsqueeze(1)
+            drop |= sp < min_p * sp[:, :1]  # sp[:, 0] is the max
+        sp = sp.masked_fill(drop, 0.0)
+        probs[fi] = torch.zeros_like(sp).scatter_(1, order, sp)  # back to token order
+    return probs
+
+
 class Sampler:
     """Stateless apart from a cached generator per accelerator device (see `_noise`)."""
 
@@ -179,38 +215,7 @@ class Sampler:
         for j, g in enumerate(generators):
             self._noise(noise[j], g, local)
         noise.clamp_min_(torch.finfo(torch.float32).tiny)  # exponential_ may return 0: avoid p / 0
-        out = torch.empty(S, dtype=torch.long, device=dev)
-
-        filt = [j for j, p in enumerate(params) if _has_filters(p, V)]
-        plain = [j for j, p in enumerate(params) if not _has_filters(p, V)]
-        if plain:
-            pi = torch.tensor(plain, device=dev)
-            probs = torch.softmax(x.index_select(0, pi), dim=-1)
-            out[pi] = (probs / noise.index_select(0, pi)).argmax(dim=-1)
-        if filt:
-            fi = torch.tensor(filt, device=dev)
-            fp = [params[j] for j in filt]
-            F = len(filt)
-            # work in sorted order (descending, ties by token id) so top-k / top-p are prefixes
-            sx, order = torch.sort(x.index_select(0, fi), dim=-1, descending=True, stable=True)
-            pos = torch.arange(V, device=dev).unsqueeze(0)
-            k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in fp], device=dev).unsqueeze(1)
-            sx = sx.masked_fill(pos >= k, float("-inf"))
-            probs = torch.softmax(sx, dim=-1)  # renormalised after top-k
-            drop = torch.zeros(F, V, dtype=torch.bool, device=dev)
-            if any(p.top_p < 1.0 for p in fp):
-                top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in fp],
-                                     dtype=torch.float32, device=dev).unsqueeze(1)
-                cum = probs.cumsum(dim=-1)
-                before = torch.cat([torch.zeros(F, 1, device=dev), cum[:, :-1]], dim=1)  # exclusive cumsum
-                drop |= before >= top_p  # keeps the first token whose cumulative prob reaches top_p
-            if any(p.min_p > 0.0 for p in fp):
-                min_p = torch.tensor([p.min_p for p in fp], dtype=torch.float32, device=dev).unsqueeze(1)
-                drop |= probs < min_p * probs[:, :1]  # probs[:, 0] is the max
-            probs = probs.masked_fill(drop, 0.0)  # no need to renormalise for the race
-            choice = (probs / noise.index_select(0, fi).gather(1, order)).argmax(dim=-1, keepdim=True)
-            out[fi] = order.gather(1, choice).squeeze(1)
-        return out
+        return (filtered_probs(x, params) / noise).argmax(dim=-1)
 
     def _noise(self, buf: torch.Tensor, gen: torch.Generator | None, local: dict) -> None:
         """Fill the contiguous row `buf` [V] with Exp(1) variates from `gen`.

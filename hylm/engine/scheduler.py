@@ -62,7 +62,11 @@ class Scheduler:
 
     def _chunk(self, req: Request, budget: int) -> int:
         """Tokens to feed this step: all pending ones within the budget, cut where a prefix-cache
-        checkpoint is due so that the state at that position exists after the step."""
+        checkpoint is due so that the state at that position exists after the step. A decoding request
+        that speculates feeds its pending token plus spec_k drafts."""
+        if req.pending == 1:
+            req.spec_k = min(req.spec_k, budget - 1) if budget > 1 else 0
+            return min(1 + req.spec_k, budget)
         n = min(req.pending, budget)
         if self.prefix_cache is not None and n > 1:
             marks = self.prefix_cache.checkpoint_positions(len(req.prompt_ids), req.num_computed, req.num_computed + n)
@@ -86,6 +90,7 @@ class Scheduler:
             self.pool.adopt(slot, hit.blocks, hit.length)
             self.pool.restore(slot, hit.states)
             req.num_computed = req.cached_tokens = hit.length
+            req.mtp_computed = hit.length  # MTP KV comes with the shared blocks (drafts only, never output)
         if cache is not None:
             cache.record(hit, admitted=True)
         req.slot = slot
@@ -97,6 +102,7 @@ class Scheduler:
         self.pool.free(victim.slot)
         victim.slot = None
         victim.num_computed = 0
+        victim.mtp_computed, victim.mtp_hidden = 0, []
         victim.status = Status.WAITING
         victim.num_preemptions += 1
         self.waiting.appendleft(victim)

@@ -36,9 +36,14 @@ class PoolSizes:
                 f"total {self.total_bytes / gib:.3f} GiB")
 
 
+def mtp_attention_layers(config: ModelConfig) -> list[int]:
+    """State ids of the MTP block's attention layers (numbered after the main model's layers)."""
+    return [config.num_hidden_layers + j for j, k in enumerate(config.mtp_pattern) if k == ATTENTION]
+
+
 def plan_pool(config: ModelConfig, max_num_seqs: int = 8, max_model_len: int | None = None,
-              memory_bytes: int | None = None, block_size: int = 16, dtype: torch.dtype = torch.float32
-              ) -> PoolSizes:
+              memory_bytes: int | None = None, block_size: int = 16, dtype: torch.dtype = torch.float32,
+              with_mtp: bool = False) -> PoolSizes:
     """Size the pool. Without a byte budget every slot can hold a full max_model_len of KV; with one,
     slots come first (up to max_num_seqs) and the rest of the budget becomes KV blocks."""
     if max_num_seqs < 1:
@@ -51,6 +56,8 @@ def plan_pool(config: ModelConfig, max_num_seqs: int = 8, max_model_len: int | N
     elt = torch.empty((), dtype=dtype).element_size()
     slot_bytes = config.ssm_state_bytes_per_sequence(conv_dtype_bytes=elt)
     block_bytes = config.kv_cache_bytes_per_token(dtype_bytes=elt) * block_size
+    if with_mtp:  # the MTP block's attention keeps its own KV, in the same blocks
+        block_bytes += len(mtp_attention_layers(config)) * 2 * config.num_key_value_heads * config.head_dim * elt * block_size
     blocks_per_seq = math.ceil(max_model_len / block_size)
     has_kv = block_bytes > 0
     if memory_bytes is None:
@@ -72,7 +79,7 @@ class StatePool:
     """Implements the model's `State` protocol over slots and paged KV, plus allocation."""
 
     def __init__(self, config: ModelConfig, sizes: PoolSizes, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", with_mtp: bool = False):
         c = config
         self.config, self.sizes, self.dtype, self.device = config, sizes, dtype, device
         self.block_size = sizes.block_size
@@ -82,8 +89,9 @@ class StatePool:
         self.ssm = {i: torch.zeros(s, c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size, dtype=torch.float32,
                                    device=device) for i in c.layer_indices(MAMBA)}
         kv_shape = (sizes.num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
-        self.k = {i: torch.zeros(kv_shape, dtype=dtype, device=device) for i in c.layer_indices(ATTENTION)}
-        self.v = {i: torch.zeros(kv_shape, dtype=dtype, device=device) for i in c.layer_indices(ATTENTION)}
+        kv_layers = c.layer_indices(ATTENTION) + (mtp_attention_layers(c) if with_mtp else [])
+        self.k = {i: torch.zeros(kv_shape, dtype=dtype, device=device) for i in kv_layers}
+        self.v = {i: torch.zeros(kv_shape, dtype=dtype, device=device) for i in kv_layers}
         self.free_slots = list(range(s - 1, -1, -1))  # pop() hands out slot 0 first
         self.free_blocks = list(range(sizes.num_blocks - 1, -1, -1))
         self.block_tables: dict[int, list[int]] = {}  # slot -> KV block ids in sequence order

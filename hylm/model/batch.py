@@ -19,6 +19,10 @@ class Batch:
     seq_lens: list[int]
     context_lens: list[int]
     slots: list[int]
+    # sequences whose Mamba states are kept after every position (speculative verification: the
+    # engine rolls back to the last accepted position); filled in `saved_states` by each Mamba layer
+    keep_states: list[bool] | None = None
+    saved_states: dict = field(default_factory=dict)  # layer -> {seq: (conv [t, C, K-1], ssm [t, H, P, N])}
     offsets: list[int] = field(init=False)
 
     def __post_init__(self) -> None:

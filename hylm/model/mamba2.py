@@ -42,9 +42,9 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = proj.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         y = torch.empty(x.shape[0], self.num_heads, self.head_dim, dtype=torch.float32, device=x.device)
 
-        by_len: dict[int, list[int]] = {}
+        by_len: dict[tuple[int, bool], list[int]] = {}
         for i, n in enumerate(batch.seq_lens):
-            by_len.setdefault(n, []).append(i)
+            by_len.setdefault((n, bool(batch.keep_states and batch.keep_states[i])), []).append(i)
         groups = list(by_len.values())
         for seqs in groups:
             self._scan_group(seqs, xbc, dt, y, batch, state)
@@ -85,15 +85,27 @@ class Mamba2Mixer(nn.Module):
                 slots = torch.tensor(slot_list, device=xbc.device)
                 conv_state, ssm_state = conv_all[slots], ssm_all[slots]  # [b, conv_dim, K-1], [b, H, P, N]
 
-        if t == 1 and state is not None:
-            h = F.silu(causal_conv1d_step(xbc_g[:, 0], conv_w, self.conv1d.bias, conv_state))  # [b, conv_dim]
-            xs, bmat, cmat = h.split([self.d_inner, self.n_groups * self.state_size,
-                                      self.n_groups * self.state_size], dim=-1)
-            out = ssd_step(ssm_state, xs.view(b, self.num_heads, self.head_dim), dt_g[:, 0], a,
-                           bmat.view(b, self.n_groups, self.state_size), cmat.view(b, self.n_groups, self.state_size),
-                           self.D.float())  # [b, H, P]
-            out = out.unsqueeze(1)  # [b, 1, H, P]
+        keep = bool(batch.keep_states and batch.keep_states[seqs[0]])
+        if (t == 1 or keep) and state is not None:
+            # token by token; with `keep`, the state after every position is saved for rollback
+            saved_conv, saved_ssm, outs = [], [], []
+            for j in range(t):
+                h = F.silu(causal_conv1d_step(xbc_g[:, j], conv_w, self.conv1d.bias, conv_state))  # [b, conv_dim]
+                xs, bmat, cmat = h.split([self.d_inner, self.n_groups * self.state_size,
+                                          self.n_groups * self.state_size], dim=-1)
+                outs.append(ssd_step(ssm_state, xs.view(b, self.num_heads, self.head_dim), dt_g[:, j], a,
+                                     bmat.view(b, self.n_groups, self.state_size),
+                                     cmat.view(b, self.n_groups, self.state_size), self.D.float()))  # [b, H, P]
+                if keep:
+                    saved_conv.append(conv_state.clone())
+                    saved_ssm.append(ssm_state.clone())
+            out = torch.stack(outs, dim=1)  # [b, t, H, P]
             final_ssm = ssm_state
+            if keep:
+                layer_saved = batch.saved_states.setdefault(self.layer_idx, {})
+                convs, ssms = torch.stack(saved_conv, 1), torch.stack(saved_ssm, 1)  # [b, t, ...]
+                for g, i in enumerate(seqs):
+                    layer_saved[i] = (convs[g], ssms[g])
         else:
             h, conv_state = causal_conv1d(xbc_g, conv_w, self.conv1d.bias, conv_state)
             h = F.silu(h)  # [b, t, conv_dim]

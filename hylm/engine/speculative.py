@@ -1,0 +1,100 @@
+"""Native speculative decoding with the model's MTP block.
+
+Per step, each speculating request (i) drafts K tokens with the MTP block: one forward over the positions
+the MTP has not seen yet (real target hidden states, known next tokens), whose last row gives draft 1,
+then K-1 one-token steps on the MTP's own outputs; (ii) feeds its pending token plus the K drafts to the
+target in the batched step, its Mamba states kept after every position; (iii) accepts drafts by the
+standard rule (greedy: argmax match; sampled: accept with min(1, p/q), else resample from the
+normalised positive part of p - q; all accepted: a bonus token from p), so the output distribution is
+the target's; (iv) rolls its Mamba states back to the last accepted position and forgets KV beyond it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import Batch
+from .request import Request
+from .sampler import filtered_probs
+from .sampling_params import SamplingParams
+
+
+def eligible(params: SamplingParams) -> bool:
+    """Speculation is exact only where the target distribution at each position is known up front:
+    no penalties (they depend on the accepted tokens), no forced-token rules, no min_tokens."""
+    return (params.repetition_penalty == 1.0 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+            and params.thinking_budget is None and params.min_tokens == 0)
+
+
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution the request samples from given logits [n, V]: one-hot argmax when greedy."""
+    if params.greedy:
+        return torch.zeros_like(logits).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+    probs = filtered_probs(logits / params.temperature, [params] * logits.shape[0])
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def _pick(probs: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
+    if params.greedy:
+        return int(probs.argmax())
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+@torch.inference_mode()
+def draft(model, pool, reqs: list[Request]) -> list[tuple[list[int], list[torch.Tensor]]]:
+    """K_r draft tokens per request (r.spec_k) and the distributions they were drawn from."""
+    embed = model.model.embeddings
+    # 1. catch up: every position the MTP hasn't seen, ending at the last computed one
+    lens = [r.num_computed - r.mtp_computed for r in reqs]
+    tokens = torch.tensor([t for r in reqs for t in r.token_ids[r.mtp_computed + 1: r.num_computed + 1]],
+                          device=model.lm_head.weight.device)
+    hidden = torch.cat([h for r in reqs for h in r.mtp_hidden])  # [sum(lens), D]
+    batch = Batch(lens, [r.mtp_computed for r in reqs], [r.slot for r in reqs])
+    h = model.mtp(embed(tokens), hidden, batch, pool)  # [sum(lens), D]
+    prev = h[batch.last_token_rows()]  # [R, D]
+    for r in reqs:
+        r.mtp_computed, r.mtp_hidden = r.num_computed, []
+    drafts: list[tuple[list[int], list[torch.Tensor]]] = [([], []) for _ in reqs]
+    active = list(range(len(reqs)))
+    for step in range(max(r.spec_k for r in reqs)):
+        logits = model.logits(prev)  # [A, V]
+        for j, i in enumerate(active):
+            r = reqs[i]
+            q = distribution(logits[j: j + 1], r.params)[0]
+            drafts[i][0].append(_pick(q, r.params, r.generator))
+            drafts[i][1].append(q)
+        active_next = [i for i in active if reqs[i].spec_k > step + 1]
+        if not active_next:
+            break
+        rows = [active.index(i) for i in active_next]
+        # 2. the next draft position reads the MTP's own output at the previous one
+        batch = Batch([1] * len(active_next), [reqs[i].num_computed + step for i in active_next],
+                      [reqs[i].slot for i in active_next])
+        toks = torch.tensor([drafts[i][0][-1] for i in active_next], device=prev.device)
+        prev = model.mtp(embed(toks), prev[rows], batch, pool)
+        active = active_next
+    return drafts
+
+
+def accept(r: Request, target_logits: torch.Tensor, drafted: list[int], qs: list[torch.Tensor]
+           ) -> tuple[list[int], int]:
+    """Tokens to append (accepted drafts, then one token from the target) and how many drafts were
+    accepted. target_logits: [k + 1, V], row j predicts the token after the j-th fed token."""
+    p = distribution(target_logits, r.params)  # [k + 1, V]
+    out: list[int] = []
+    for j, (d, q) in enumerate(zip(drafted, qs)):
+        if r.params.greedy:
+            ok = int(p[j].argmax()) == d
+        else:
+            u = float(torch.rand((), generator=r.generator))
+            ok = u * float(q[d]) < float(p[j, d])  # u < p/q without dividing by a tiny q
+        if ok:
+            out.append(d)
+            continue
+        residual = (p[j] - q).clamp_min_(0.0)
+        total = float(residual.sum())
+        fix = residual / total if total > 0 else p[j]
+        out.append(_pick(fix, r.params, r.generator))
+        return out, j
+    out.append(_pick(p[len(drafted)], r.params, r.generator))
+    return out, len(drafted)
