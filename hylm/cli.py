@@ -164,6 +164,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-stream", action="store_true", help="print the whole result at the end")
+    p.add_argument("--speculative-tokens", type=int, default=0,
+                   help="draft this many tokens per step with the model's MTP block (0: off)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -184,7 +186,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             ignore_eos=args.ignore_eos)
     max_len = args.max_model_len
     prompt = args.prompt if args.prompt is not None else _parse_ids(args.prompt_ids)
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=1, max_model_len=max_len)
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=1, max_model_len=max_len,
+              speculative_tokens=args.speculative_tokens)
     if isinstance(prompt, str) and llm.tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer.json: pass --prompt-ids instead of --prompt")
     text_mode = llm.tokenizer is not None
@@ -290,10 +293,126 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": res.content or "", "reasoning_content": res.reasoning})
 
 
+# ---- hylm serve -----------------------------------------------------------------------------------------
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from .server import DEFAULT_HOST, DEFAULT_PORT
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serve a model over HTTP: /v1/chat/completions, /v1/completions, /v1/models, "
+                                   "/tokenize, /detokenize, /health, /metrics (Prometheus) and /docs. Without "
+                                   "MODEL_DIR it serves the bundled model.")
+    p.add_argument("model", metavar="MODEL_DIR", nargs="?", default=None,
+                   help="a checkpoint directory with config.json, weights and tokenizer.json")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on the API (default: the HYLM_API_KEY environment "
+                        "variable, else no key)")
+    p.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
+                   help="the model name clients use (repeatable; default: the model directory's name)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="requests run at once, one state slot each (default 8)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="maximum prompt + output tokens (default: the model's maximum)")
+    p.add_argument("--memory-gib", type=float, default=None,
+                   help="budget for sequence state and KV cache in GiB (default: enough for max-num-seqs x "
+                        "max-model-len)")
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="requests that may wait for a slot; beyond it the server answers 503 (default 256)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+                   help="largest request body accepted, else 413 (default 4 MiB)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are aborted "
+                        "(default 30)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32")
+    p.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    p.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import DEFAULT_MODEL_DIR
+
+    model = args.model
+    if model is None:
+        if not DEFAULT_MODEL_DIR.is_dir():
+            raise CLIError("a model is required: hylm serve MODEL_DIR (the bundled model is not there yet)")
+        model = str(DEFAULT_MODEL_DIR)
+    if not os.path.isdir(model):
+        raise CLIError(f"{model}: not a model directory")
+    resolve_config(model)  # a clear error for a bad model before anything loads
+    if not os.path.isfile(os.path.join(model, "tokenizer.json")):
+        raise CLIError(f"{model} has no tokenizer.json: the server needs the model's tokenizer")
+    for name, value, low in (("--max-num-seqs", args.max_num_seqs, 1), ("--max-waiting", args.max_waiting, 0),
+                             ("--max-body-bytes", args.max_body_bytes, 1), ("--port", args.port, 0)):
+        if value < low:
+            raise CLIError(f"{name} must be >= {low}")
+    if args.port > 65535:
+        raise CLIError("--port must be <= 65535")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise CLIError("--max-model-len must be >= 2")
+    if args.memory_gib is not None and not args.memory_gib > 0:
+        raise CLIError("--memory-gib must be > 0")
+    if args.shutdown_timeout < 0:
+        raise CLIError("--shutdown-timeout must be >= 0")
+
+    from .engine.engine import EngineConfig
+    from .server.launch import bind, serve
+    from .server.state import load_state
+
+    bind(args.host, args.port).close()  # a taken port fails now, not after the model has loaded
+    memory = int(args.memory_gib * 2**30) if args.memory_gib is not None else None
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, memory_bytes=memory)
+    api_key = args.api_key if args.api_key is not None else (os.environ.get("HYLM_API_KEY") or None)
+    state = load_state(model, dtype=args.dtype, engine_config=config, served_model_names=args.served_model_name,
+                       max_waiting=args.max_waiting, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                       shutdown_timeout=args.shutdown_timeout, seed=args.seed)
+    return serve(state, args.host, args.port, log_level=args.log_level, access_log=not args.no_access_log,
+                 shutdown_timeout=args.shutdown_timeout)
+
+
+# ---- hylm train ------------------------------------------------------------------------------------------
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .train.cli import add_arguments
+
+    p = sub.add_parser("train", help="train a nemotron_h model on the synthetic curriculum",
+                       description="Train any nemotron_h config from scratch (or continue from a checkpoint) on "
+                                   "hylm's seeded synthetic curriculum: AdamW, warmup + cosine, clipping, "
+                                   "packed sequences, joint MTP loss, checkpoints and resume.")
+    add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.cli import run
+
+    return run(args)
+
+
+# ---- hylm eval-tasks -------------------------------------------------------------------------------------
+
+def _add_eval_tasks(sub: argparse._SubParsersAction) -> None:
+    from .eval.cli import add_arguments
+
+    p = sub.add_parser("eval-tasks", help="accuracy per curriculum task on held-out seeds",
+                       description="Generate held-out curriculum examples per task, decode greedily with the "
+                                   "engine and score them (table, or JSON with --json).")
+    add_arguments(p)
+    p.set_defaults(func=cmd_eval_tasks)
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    from .eval.cli import run
+
+    return run(args)
+
+
 # ---- entry point -----------------------------------------------------------------------------------------
 
 # Each entry adds one subcommand; a new subcommand is one `_add_<name>` + `cmd_<name>` pair listed here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_generate, _add_chat]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_generate, _add_chat, _add_serve, _add_train, _add_eval_tasks]
 
 
 def build_parser() -> argparse.ArgumentParser:
