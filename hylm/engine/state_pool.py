@@ -188,17 +188,23 @@ class StatePool:
     def mamba(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.conv[layer], self.ssm[layer]
 
-    def kv_append(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv_write(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         end = start + k.shape[0]
         table = torch.tensor(self.block_tables[slot][: math.ceil(end / self.block_size)], device=k.device)
-        k_cache, v_cache = self.k[layer], self.v[layer]
         pos = torch.arange(start, end, device=k.device)
         flat = table[pos // self.block_size] * self.block_size + pos % self.block_size  # [t] rows in the flat cache
-        k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [blocks*block_size, Hkv, hd]
-        v_flat = v_cache.view(-1, *v_cache.shape[2:])
-        k_flat[flat] = k.to(k_cache.dtype)
-        v_flat[flat] = v.to(v_cache.dtype)
-        keys = k_cache[table].view(-1, *k_cache.shape[2:])[:end]  # [end, Hkv, hd]
-        values = v_cache[table].view(-1, *v_cache.shape[2:])[:end]
+        for cache, new in ((self.k[layer], k), (self.v[layer], v)):
+            cache.view(-1, *cache.shape[2:])[flat] = new.to(cache.dtype)  # [blocks*block_size, Hkv, hd]
+
+    def kv_read(self, layer: int, slot: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first = lo // self.block_size
+        table = torch.tensor(self.block_tables[slot][first: math.ceil(hi / self.block_size)], device=self.k[layer].device)
+        a, b = lo - first * self.block_size, hi - first * self.block_size
+        keys = self.k[layer][table].view(-1, *self.k[layer].shape[2:])[a:b]  # [hi - lo, Hkv, hd]
+        values = self.v[layer][table].view(-1, *self.v[layer].shape[2:])[a:b]
         return keys, values
+
+    def kv_append(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.kv_write(layer, slot, start, k, v)
+        return self.kv_read(layer, slot, 0, start + k.shape[0])

@@ -9,6 +9,11 @@ from torch import nn
 from ..config import ModelConfig
 from .batch import Batch, State
 
+# Above this many attention scores per sequence and layer (t queries x context x heads), attention reads
+# the KV in windows with an online softmax instead of materialising all scores: memory stays bounded
+# by the window, whatever the context length.
+SCORE_BUDGET = 1 << 25
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -43,10 +48,42 @@ class Attention(nn.Module):
                 if ctx:
                     raise ValueError("a sequence with earlier context needs a state to read it from")
                 keys, values = k[lo:hi], v[lo:hi]
+            elif self.num_heads * (hi - lo) * (ctx + hi - lo) > SCORE_BUDGET and hasattr(state, "kv_read"):
+                state.kv_write(self.layer_idx, batch.slots[i], ctx, k[lo:hi], v[lo:hi])
+                out[lo:hi] = self._attend_windowed(q[lo:hi], state, batch.slots[i], ctx)
+                continue
             else:
                 keys, values = state.kv_append(self.layer_idx, batch.slots[i], ctx, k[lo:hi], v[lo:hi])
             out[lo:hi] = self._attend(q[None, lo:hi], keys[None], values[None], context=ctx)[0]
         return self.o_proj(out.view(n, -1))
+
+    def _attend_windowed(self, q: torch.Tensor, state: State, slot: int, context: int) -> torch.Tensor:
+        """q [t, Hq, hd] at positions context..context+t attends causally to the slot's KV, read in
+        windows; an online softmax keeps a running max, denominator and weighted sum. -> [t, Hq, hd]"""
+        t = q.shape[0]
+        kvh, g = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        total = context + t
+        window = max(256, SCORE_BUDGET // (self.num_heads * t))
+        qh = q.view(t, kvh, g, -1).permute(1, 2, 0, 3).reshape(kvh, g * t, -1) * self.scale  # [Hkv, g*t, hd]
+        qpos = (torch.arange(t, device=q.device) + context).repeat(g)  # [g*t] position of each query row
+        m = torch.full((kvh, g * t), float("-inf"), device=q.device)
+        denom = torch.zeros(kvh, g * t, device=q.device)
+        acc = torch.zeros(kvh, g * t, qh.shape[-1], device=q.device)
+        for lo in range(0, total, window):
+            hi = min(total, lo + window)
+            kw, vw = state.kv_read(self.layer_idx, slot, lo, hi)  # [w, Hkv, hd]
+            scores = (qh @ kw.permute(1, 2, 0).to(qh.dtype)).float()  # [Hkv, g*t, w]
+            if hi > context + 1:  # some keys of this window lie after some queries
+                future = torch.arange(lo, hi, device=q.device).unsqueeze(0) > qpos.unsqueeze(1)  # [g*t, w]
+                scores.masked_fill_(future, float("-inf"))
+            m_new = torch.maximum(m, scores.amax(-1))
+            probs = torch.exp(scores - m_new.unsqueeze(-1))  # [Hkv, g*t, w]
+            rescale = torch.exp(m - m_new)
+            denom = denom * rescale + probs.sum(-1)
+            acc = acc * rescale.unsqueeze(-1) + probs @ vw.permute(1, 0, 2).float()  # [Hkv, g*t, hd]
+            m = m_new
+        out = (acc / denom.unsqueeze(-1)).view(kvh, g, t, -1)  # [Hkv, g, t, hd]
+        return out.permute(2, 0, 1, 3).reshape(t, self.num_heads, -1).to(q.dtype)  # [t, Hq, hd]
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
         """q [B, t, Hq, hd] attends causally to k, v [B, context + t, Hkv, hd]; returns [B, t, Hq, hd]."""

@@ -65,3 +65,11 @@ class State(Protocol):
         """Store k, v [t, Hkv, hd] at positions start..start+t of `slot`; return all keys and values
         [start + t, Hkv, hd] of that sequence for attention."""
         ...
+
+    def kv_write(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [t, Hkv, hd] at positions start..start+t of `slot`."""
+        ...
+
+    def kv_read(self, layer: int, slot: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [hi - lo, Hkv, hd] of positions lo..hi of `slot` (long contexts are read in windows)."""
+        ...

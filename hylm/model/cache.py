@@ -33,8 +33,7 @@ class ContiguousCache:
     def mamba(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._mamba[layer]
 
-    def kv_append(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv_write(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         kv = self._kv[layer]
         end = start + k.shape[0]
         if end > kv[0].shape[1]:  # grow by doubling so appends stay amortised O(1)
@@ -45,4 +44,12 @@ class ContiguousCache:
                 kv[j] = grown
         kv[0][slot, start:end] = k
         kv[1][slot, start:end] = v
-        return kv[0][slot, :end], kv[1][slot, :end]
+
+    def kv_read(self, layer: int, slot: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self._kv[layer]
+        return kv[0][slot, lo:hi], kv[1][slot, lo:hi]
+
+    def kv_append(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.kv_write(layer, slot, start, k, v)
+        return self.kv_read(layer, slot, 0, start + k.shape[0])
