@@ -160,6 +160,8 @@ def test_requests_that_can_never_fit_are_refused(model):
         eng.add_request([5, 999999], SamplingParams())
     with pytest.raises(ValueError, match="empty"):
         eng.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match="stop_token_ids out of range"):
+        eng.add_request([5], SamplingParams(stop_token_ids=[10**6], min_tokens=2))
     assert eng.pool.num_free_slots == eng.sizes.num_slots and not eng.has_unfinished()
 
 

@@ -64,6 +64,9 @@ class ChatFormat:
 
     # ---- prompt ---------------------------------------------------------------------------------------
     def prompt(self, messages: Any, tools: Any = None, **template_kwargs: Any) -> ChatPrompt:
+        reserved = {"messages", "tools", "add_generation_prompt"} & set(template_kwargs)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs: {', '.join(sorted(reserved))} cannot be set here")
         text = self.template.render(messages, tools=tools, add_generation_prompt=True, **template_kwargs)
         stripped = text.rstrip()
         in_thinking = stripped.endswith("<think>")  # "<think></think>" (thinking off) ends with "</think>"

@@ -56,9 +56,13 @@ class AsyncEngine:
         out: asyncio.Queue = asyncio.Queue()
         accepted = loop.create_future()
         self._send(_Submit(request_id, prompt_ids, params, loop, out, accepted))
-        await accepted  # raises what add_request raised
         finished = False
         try:
+            try:
+                await accepted  # raises what add_request raised
+            except BaseException:
+                finished = accepted.done() and accepted.exception() is not None  # refused: nothing to abort
+                raise
             while True:
                 item = await out.get()
                 if isinstance(item, BaseException):
@@ -132,7 +136,11 @@ class AsyncEngine:
             self.engine.abort(cmd[1])
             self._streams.pop(cmd[1], None)
         elif cmd[0] == "finish":
+            req = self.engine.requests.get(cmd[1])
             self.engine.finish(cmd[1], cmd[2], cmd[3])
+            if req is not None:  # tell the stream it is over
+                self._deliver(cmd[1], RequestOutput(req.request_id, [], req.output_ids, len(req.prompt_ids), True,
+                                                    req.finish_reason, req.stop_reason))
             self._streams.pop(cmd[1], None)
         elif cmd[0] == "shutdown":
             if cmd[1]:

@@ -77,6 +77,9 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not (0 <= t < vocab)]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        bad = [t for t in params.stop_token_ids if not (0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"stop_token_ids out of range [0, {vocab}): {bad[:5]}")
         limit = self.sizes.max_model_len
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(prompt_ids)
         if max_tokens < 1:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
+
+MAX_LATENCY_SAMPLES = 100_000  # undrained samples beyond this are dropped, oldest first
 
 
 @dataclass
@@ -23,8 +26,8 @@ class EngineMetrics:
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     # latency samples (seconds) since the last drain; a metrics exporter drains them into histograms
-    ttft: list[float] = field(default_factory=list)
-    itl: list[float] = field(default_factory=list)
+    ttft: deque = field(default_factory=lambda: deque(maxlen=MAX_LATENCY_SAMPLES))
+    itl: deque = field(default_factory=lambda: deque(maxlen=MAX_LATENCY_SAMPLES))
 
     @property
     def spec_acceptance_rate(self) -> float:
@@ -36,6 +39,7 @@ class EngineMetrics:
         return (self.spec_accepted_tokens + self.spec_steps) / self.spec_steps if self.spec_steps else 0.0
 
     def drain_latencies(self) -> tuple[list[float], list[float]]:
-        ttft, itl = self.ttft, self.itl
-        self.ttft, self.itl = [], []
+        ttft, itl = list(self.ttft), list(self.itl)
+        self.ttft.clear()
+        self.itl.clear()
         return ttft, itl
