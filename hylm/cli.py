@@ -326,6 +326,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "(default 30)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="turn off prefix caching (on by default: chat turns resume from cached Mamba states)")
+    p.add_argument("--prefix-cache-bytes", type=int, default=None,
+                   help="memory for cached state checkpoints (default: 4 x max-num-seqs sequence states)")
+    p.add_argument("--speculative-tokens", type=int, default=0,
+                   help="draft this many tokens per step with the model's MTP block (0: off)")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
     p.set_defaults(func=cmd_serve)
@@ -363,7 +369,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     bind(args.host, args.port).close()  # a taken port fails now, not after the model has loaded
     memory = int(args.memory_gib * 2**30) if args.memory_gib is not None else None
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, memory_bytes=memory)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, memory_bytes=memory,
+                          enable_prefix_caching=args.enable_prefix_caching, prefix_cache_bytes=args.prefix_cache_bytes,
+                          speculative_tokens=args.speculative_tokens)
     api_key = args.api_key if args.api_key is not None else (os.environ.get("HYLM_API_KEY") or None)
     state = load_state(model, dtype=args.dtype, engine_config=config, served_model_names=args.served_model_name,
                        max_waiting=args.max_waiting, api_key=api_key, max_body_bytes=args.max_body_bytes,

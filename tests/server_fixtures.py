@@ -97,7 +97,8 @@ class ServerThread:
     """A real uvicorn server on 127.0.0.1 (a free port), in a background thread."""
 
     def __init__(self, ckpt: Path | None = None, *, scripted: bool = False, max_num_seqs: int = 8,
-                 max_model_len: int | None = 1024, shutdown_timeout: float = 5.0, **state_kwargs):
+                 max_model_len: int | None = 1024, shutdown_timeout: float = 5.0, prefix_caching: bool = False,
+                 **state_kwargs):
         ckpt = ckpt or chat_checkpoint()
         engine = None
         if scripted:
@@ -108,7 +109,8 @@ class ServerThread:
                                                                     max_model_len=max_model_len),
                                     Tokenizer.from_dir(ckpt))
         self.state = load_state(ckpt, engine=engine, shutdown_timeout=shutdown_timeout,
-                                engine_config=EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len),
+                                engine_config=EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                                           enable_prefix_caching=prefix_caching),
                                 **state_kwargs)
         self.sock = bind("127.0.0.1", 0)
         self.url = url(self.sock)

@@ -52,6 +52,28 @@ class _EngineCollector(Collector):
         for name, doc, value in counters:
             if value is not None:
                 yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+        if m.spec_steps:
+            yield GaugeMetricFamily(f"{PREFIX}_spec_acceptance_rate", "Accepted / proposed draft tokens",
+                                    value=m.spec_acceptance_rate)
+            yield GaugeMetricFamily(f"{PREFIX}_spec_mean_accepted_length",
+                                    "Tokens produced per verification step", value=m.spec_mean_accepted_length)
+        cache = getattr(self.engine, "prefix_cache", None)
+        if cache is not None:
+            st = cache.stats
+            yield CounterMetricFamily(f"{PREFIX}_prefix_cache_hits", "Admissions resumed from a cached prefix",
+                                      value=st.hits)
+            misses = CounterMetricFamily(f"{PREFIX}_prefix_cache_misses", "Admissions with no usable cached prefix, "
+                                         "by reason", labels=["reason"])
+            for reason, n in sorted(st.misses.items()):
+                misses.add_metric([reason], n)
+            yield misses
+            yield CounterMetricFamily(f"{PREFIX}_prefix_cache_tokens_reused", "Prompt tokens not recomputed",
+                                      value=st.tokens_reused)
+            yield CounterMetricFamily(f"{PREFIX}_prefix_cache_evictions", "Checkpoints evicted", value=st.evictions)
+            yield GaugeMetricFamily(f"{PREFIX}_prefix_cache_bytes", "Bytes held by state checkpoints",
+                                    value=st.bytes_used)
+            yield GaugeMetricFamily(f"{PREFIX}_prefix_cache_budget_bytes", "Budget for state checkpoints",
+                                    value=st.budget_bytes)
         finished = CounterMetricFamily(f"{PREFIX}_requests_finished", "Engine requests finished, by reason",
                                        labels=["reason"])
         for reason, n in sorted(m.requests_finished.copy().items()):
