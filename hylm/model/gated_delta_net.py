@@ -175,46 +175,39 @@ class GatedDeltaNet(nn.Module):
         kc = h[:, self.key_dim: 2 * self.key_dim].unflatten(-1, (hk, dk))  # [N, Hk, dk]
         vc = h[:, 2 * self.key_dim:].unflatten(-1, (hv, dv))  # [N, Hv, dv]
 
-        core = torch.empty(N, hv, dv, dtype=x.dtype, device=x.device)  # [N, Hv, dv]
-        final = rec_state  # [n, Hv, dk, dv], a gathered copy: updated per group below
-        decode = [i for i in range(n) if lens[i] == 1 and state is not None]
-        prefill = [i for i in range(n) if lens[i] != 1 or state is None]
-        if decode:
-            rows = [starts[i] for i in decode]
-            ri = torch.tensor(rows, device=x.device)
-            di = torch.tensor(decode, device=x.device)
-            pick = (lambda t: t) if len(decode) == n else (lambda t: t.index_select(0, ri))
-            o, st = gated_delta_recurrent(
-                pick(qc).unsqueeze(1), pick(kc).unsqueeze(1), pick(vc).unsqueeze(1),  # [d, 1, H, dim]
-                pick(g).unsqueeze(1), pick(beta).unsqueeze(1),  # [d, 1, Hv]
-                initial_state=rec_state if len(decode) == n else rec_state.index_select(0, di),
-                head_map="grouped", l2norm_qk=True)
-            core[ri] = o[:, 0]
-            final[di] = st
-        if prefill:
-            if len(prefill) == n:
-                pick = lambda t: t  # noqa: E731
-                cu = torch.tensor(batch.offsets, device=x.device)  # [n+1]
-                ri = None
+        dev = x.device
+        core = torch.empty(N, hv, dv, dtype=x.dtype, device=dev)  # [N, Hv, dv]
+        final = rec_state  # [n, Hv, dk, dv]: a gathered copy, updated per group below
+        # one new token on top of a saved state: the recurrent form (Triton on CUDA); the rest, prefills
+        # and multi-token continuations of any lengths: one varlen call of the chunked form
+        one_token = [i for i in range(n) if lens[i] == 1] if state is not None else []
+        rest = [i for i in range(n) if lens[i] != 1 or state is None]
+        for seqs, recurrent in ((one_token, True), (rest, False)):
+            if not seqs:
+                continue
+            whole = len(seqs) == n  # the group is the whole batch: views, no gathers
+            rows = None if whole else torch.cat([torch.arange(starts[i], starts[i] + lens[i]) for i in seqs]).to(dev)
+            sel = None if whole else torch.tensor(seqs, device=dev)
+            args = [t if whole else t.index_select(0, rows) for t in (qc, kc, vc, g, beta)]  # [N', ...]
+            init = rec_state if rec_state is None or whole else rec_state.index_select(0, sel)  # [n', Hv, dk, dv]
+            if recurrent:
+                o, st = gated_delta_recurrent(*(t.unsqueeze(1) for t in args),  # [n', 1, ...]: one token each
+                                              initial_state=init, head_map="grouped", l2norm_qk=True)
             else:
-                ri = torch.cat([torch.arange(starts[i], starts[i] + lens[i], device=x.device) for i in prefill])
-                pick = lambda t: t.index_select(0, ri)  # noqa: E731
-                cu = torch.tensor([0] + [lens[i] for i in prefill], device=x.device).cumsum(0)
-            init = None
-            if rec_state is not None:
-                init = rec_state if len(prefill) == n else rec_state.index_select(0, torch.tensor(prefill,
-                                                                                                   device=x.device))
-            o, st = gated_delta_chunked(
-                pick(qc).unsqueeze(0), pick(kc).unsqueeze(0), pick(vc).unsqueeze(0),  # [1, N', H, dim]
-                pick(g).unsqueeze(0), pick(beta).unsqueeze(0),  # [1, N', Hv]
-                initial_state=init, head_map="grouped", l2norm_qk=True, cu_seqlens=cu,
-                chunk_size=self.chunk_size)
-            if ri is None:
-                core.copy_(o[0])
+                cu = torch.tensor([0] + [lens[i] for i in seqs], device=dev).cumsum(0)  # [n' + 1]
+                o, st = gated_delta_chunked(*(t.unsqueeze(0) for t in args),  # [1, N', ...]: packed
+                                            initial_state=init, head_map="grouped", l2norm_qk=True,
+                                            cu_seqlens=cu, chunk_size=self.chunk_size)
+            o = o.reshape(-1, hv, dv)  # [N', Hv, dv]
+            if whole:
+                core.copy_(o)
             else:
-                core[ri] = o[0]
+                core[rows] = o
             if final is not None:
-                final[torch.tensor(prefill, device=x.device)] = st
+                if whole:
+                    final = st
+                else:
+                    final[sel] = st
 
         if state is not None:
             conv_all[slots] = new_conv.to(conv_all.dtype)
