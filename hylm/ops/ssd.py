@@ -110,7 +110,9 @@ def ssd_chunked(
     cb = Cc @ Bc.transpose(-1, -2)  # [b, g, c, q(i), q(j)]
     decay = cs.unsqueeze(-1) - cs.unsqueeze(-2)  # [b, g, r, c, q(i), q(j)]
     upper = torch.ones(Q, Q, dtype=torch.bool, device=x.device).triu_(1)
-    decay.masked_fill_(upper, float("-inf")).exp_().mul_(cb.unsqueeze(2))
+    decay.masked_fill_(upper, float("-inf")).exp_()
+    # in place at inference; out of place when training (exp_ saves its output for the backward pass)
+    decay = decay * cb.unsqueeze(2) if decay.requires_grad else decay.mul_(cb.unsqueeze(2))
     y = decay @ xdt  # [b, g, r, c, q, p]
 
     # 2. each chunk's own end state: sum_j exp(cs_end - cs_j) xdt_j B_j^T
