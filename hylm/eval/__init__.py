@@ -1,0 +1,2 @@
+"""Evaluation of hylm models. `tasks`: accuracy per synthetic-curriculum task (`hylm eval-tasks`,
+`python -m hylm.eval`)."""
