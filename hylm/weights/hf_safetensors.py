@@ -73,6 +73,10 @@ def load_hf_checkpoint(model: torch.nn.Module, directory: str | os.PathLike, dty
     Raises one CheckpointError listing every missing, unexpected and mis-shaped tensor.
     """
     directory = Path(directory)
+    from .modelopt import load_modelopt_checkpoint, read_quant_config  # NVFP4 / FP8 (ModelOpt) checkpoints
+    qcfg = read_quant_config(directory)
+    if qcfg is not None:
+        return load_modelopt_checkpoint(model, directory, dtype=dtype, device=device, qcfg=qcfg)
     expected = {n: p for n, p in model.named_parameters()}
     expected.update({n: b for n, b in model.named_buffers()})
     has_mtp = any(n.startswith("mtp.") for n in expected)

@@ -1,0 +1,222 @@
+"""NVFP4: bit-exact E2M1 codes, nibble order, block scales and global scale against hand-computed tables;
+packed round trips; nvfp4_linear and the NVFP4 routed experts against dense references; packed modules."""
+
+import math
+
+import pytest
+import torch
+
+from hylm.model.quantized import FP8Linear, NVFP4Experts, NVFP4Linear, QuantizedExperts
+from hylm.ops.moe import grouped_expert_mlp
+from hylm.ops.nvfp4 import (dequantize_nvfp4, e2m1_decode, e2m1_encode, nvfp4_global_scale, nvfp4_grouped_expert_mlp,
+                            nvfp4_linear, pack_nibbles, quantize_nvfp4, unpack_nibbles)
+from hylm.ops.fp8 import tile_rows
+
+E2M1_DECODE = {0x0: 0.0, 0x1: 0.5, 0x2: 1.0, 0x3: 1.5, 0x4: 2.0, 0x5: 3.0, 0x6: 4.0, 0x7: 6.0,
+               0x8: -0.0, 0x9: -0.5, 0xA: -1.0, 0xB: -1.5, 0xC: -2.0, 0xD: -3.0, 0xE: -4.0, 0xF: -6.0}
+
+# scaled value -> code. Ties (the midpoints) go to the even code (mantissa bit 0).
+E2M1_ENCODE = [
+    # exact grid values
+    (0.0, 0x0), (0.5, 0x1), (1.0, 0x2), (1.5, 0x3), (2.0, 0x4), (3.0, 0x5), (4.0, 0x6), (6.0, 0x7),
+    (-0.5, 0x9), (-1.0, 0xA), (-1.5, 0xB), (-2.0, 0xC), (-3.0, 0xD), (-4.0, 0xE), (-6.0, 0xF),
+    # ties: round half to even
+    (0.25, 0x0), (0.75, 0x2), (1.25, 0x2), (1.75, 0x4), (2.5, 0x4), (3.5, 0x6), (5.0, 0x6),
+    (-0.25, 0x8), (-0.75, 0xA), (-1.25, 0xA), (-1.75, 0xC), (-2.5, 0xC), (-3.5, 0xE), (-5.0, 0xE),
+    # just off the ties
+    (0.2500001, 0x1), (0.7499999, 0x1), (1.2500001, 0x3), (1.7499999, 0x3), (2.5000002, 0x5), (3.4999998, 0x5),
+    (5.0000005, 0x7), (4.9999995, 0x6),
+    # nearest
+    (0.1, 0x0), (0.6, 0x1), (0.9, 0x2), (2.2, 0x4), (2.8, 0x5), (4.4, 0x6), (5.6, 0x7),
+    # signed zeros and tiny negatives keep their sign
+    (-0.0, 0x8), (-0.1, 0x8), (-1e-30, 0x8),
+    # saturation beyond 6
+    (6.5, 0x7), (7.0, 0x7), (100.0, 0x7), (-100.0, 0xF), (math.inf, 0x7), (-math.inf, 0xF),
+]
+
+
+def test_e2m1_decode_all_16_codes():
+    got = e2m1_decode(torch.arange(16, dtype=torch.uint8)).tolist()
+    for code, want in E2M1_DECODE.items():
+        assert got[code] == want and math.copysign(1, got[code]) == math.copysign(1, want), hex(code)
+
+
+def test_e2m1_encode_hand_table():
+    values = torch.tensor([v for v, _ in E2M1_ENCODE], dtype=torch.float32)
+    got = e2m1_encode(values).tolist()
+    bad = [(v, hex(g), hex(c)) for (v, c), g in zip(E2M1_ENCODE, got) if g != c]
+    assert not bad, bad
+    # every code decodes and re-encodes to itself
+    codes = torch.arange(16, dtype=torch.uint8)
+    assert torch.equal(e2m1_encode(e2m1_decode(codes)), codes)
+
+
+def test_nibble_order_low_nibble_first():
+    codes = torch.tensor([[0x1, 0x2, 0xF, 0x0, 0x7, 0x8]], dtype=torch.uint8)
+    packed = pack_nibbles(codes)
+    assert packed.tolist() == [[0x21, 0x0F, 0x87]]
+    assert torch.equal(unpack_nibbles(packed), codes)
+
+
+def test_quantize_hand_computed_block():
+    # global scale 1 and block amax 6 -> block scale e4m3(6 / 6) = 1.0 (0x38): codes are the values' own
+    row = [6.0, 0.5, -1.0, 0.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -5.0, -0.0, 3.0, -6.0]
+    packed, scales, gs = quantize_nvfp4(torch.tensor([row]), global_scale=1.0)
+    codes = [0x7, 0x1, 0xA, 0x0, 0x0, 0x2, 0x2, 0x4, 0x4, 0x6, 0x6, 0x8, 0xE, 0x8, 0x5, 0xF]
+    assert packed.tolist() == [[codes[2 * k] | (codes[2 * k + 1] << 4) for k in range(8)]]
+    assert packed.tolist() == [[0x17, 0x0A, 0x20, 0x42, 0x64, 0x86, 0x8E, 0xF5]]
+    assert scales.view(torch.uint8).tolist() == [[0x38]] and gs.item() == 1.0
+
+
+def test_block_scales_hand_computed():
+    gs = 1.0
+    blocks = [
+        ([3.0] + [0.0] * 15, 0x30, 0x7),        # amax 3 -> scale e4m3(0.5) = 0x30; 3 / 0.5 = 6
+        ([1.5] + [0.0] * 15, 0x28, 0x7),        # scale 0.25 (0 0101 000)
+        ([6 * 2.0 ** -9] + [0.0] * 15, 0x01, 0x7),   # subnormal scale 2^-9
+        ([6 * 2.0 ** -11] + [0.0] * 15, 0x00, 0x0),  # scale below E4M3's range -> 0, block encodes 0
+        ([5376.0] + [0.0] * 15, 0x7E, 0x7),     # amax / 6 = 896 saturates at 448; 5376 / 448 = 12 -> 6
+        ([0.0] * 16, 0x00, 0x0),                # all-zero block
+        # amax 2 -> e4m3(1/3): 1.333 * 2^-2, mantissa 2.67 -> 3: 1.375 * 2^-2 = 0.34375 (0 0101 011);
+        # -2 / 0.34375 = -5.82 -> -6
+        ([-2.0, 1.0] + [0.0] * 14, 0x2B, 0xF),
+    ]
+    w = torch.tensor([b for b, _, _ in blocks], dtype=torch.float32)
+    packed, scales, _ = quantize_nvfp4(w, global_scale=gs)
+    assert scales.view(torch.uint8)[:, 0].tolist() == [s for _, s, _ in blocks]
+    assert (packed[:, 0] & 15).tolist() == [c for _, _, c in blocks]
+    # 1 / 0.34375 = 2.91 -> 3 (code 5), in the high nibble of the last row's first byte
+    assert packed[-1, 0].item() >> 4 == 0x5
+    deq = dequantize_nvfp4(packed, scales, gs)
+    assert deq[3].abs().sum() == 0 and deq[5].abs().sum() == 0
+    assert deq[4, 0].item() == 6 * 448.0
+
+
+def test_global_scale_and_zero_tensor():
+    w = torch.tensor([[1.0, -5376.0] + [0.0] * 14])
+    assert nvfp4_global_scale(w).item() == torch.tensor(5376.0 / 2688.0).item()
+    packed, scales, gs = quantize_nvfp4(torch.zeros(2, 32))
+    assert gs.item() == 1.0 and not packed.any() and not scales.view(torch.uint8).any()
+    assert not dequantize_nvfp4(packed, scales, gs).any()
+
+
+def _reference_dequant(packed, scales, gs):
+    """Hand formula: E2M1(code) * float(scale), then * global, element by element."""
+    codes = unpack_nibbles(packed)
+    vals = torch.tensor([E2M1_DECODE[c] for c in range(16)])[codes.long()]
+    s = scales.float().repeat_interleave(16, dim=1)
+    return vals * s * torch.as_tensor(gs, dtype=torch.float32)
+
+
+def test_round_trip_error_and_idempotence():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(70, 96, generator=g) * torch.rand(70, 1, generator=g)  # rows of different magnitudes
+    w[3, 16:32] = 0.0  # an all-zero block
+    packed, scales, gs = quantize_nvfp4(w)
+    assert packed.shape == (70, 48) and scales.shape == (70, 6) and gs.shape == ()
+    assert gs.item() == (w.abs().max() / 2688.0).item()
+    deq = dequantize_nvfp4(packed, scales, gs)
+    assert torch.equal(deq, _reference_dequant(packed, scales, gs))  # bit-exact
+    assert not deq[3, 16:32].any()
+    # error within half the E2M1 grid step at each value, in units of the block's scale
+    d = (scales.float() * gs).repeat_interleave(16, dim=1)
+    v = (w / torch.where(d > 0, d, torch.ones_like(d))).abs()
+    half_step = torch.where(v < 2, 0.25, torch.where(v < 4, 0.5, 1.0))
+    assert ((deq - w).abs() <= half_step * d * (1 + 1e-6)).all()
+    # quantise(dequantise(q)) == q, bit for bit, with the same global scale
+    p2, s2, gs2 = quantize_nvfp4(deq, gs)
+    assert torch.equal(p2, packed) and torch.equal(s2.view(torch.uint8), scales.view(torch.uint8))
+    assert torch.equal(dequantize_nvfp4(p2, s2, gs2), deq)
+
+
+def test_input_width_must_be_multiple_of_16():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quantize_nvfp4(torch.randn(4, 24))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        quantize_nvfp4(torch.tensor([[math.nan] * 16]))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        NVFP4Linear(24, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nvfp4_linear_matches_dequantised_matmul(dtype):
+    g = torch.Generator().manual_seed(1)
+    in_f = 2048
+    out_f = tile_rows(in_f) + 70  # a full tile and a partial one
+    packed, scales, gs = quantize_nvfp4(torch.randn(out_f, in_f, generator=g) * 0.05)
+    bias = torch.randn(out_f, generator=g)
+    ref_w = dequantize_nvfp4(packed, scales, gs)
+    for shape in [(1, in_f), (7, in_f), (2, 3, in_f)]:
+        x = torch.randn(*shape, generator=g).to(dtype)
+        y = nvfp4_linear(x, packed, scales, gs, bias)
+        assert y.dtype == dtype and y.shape == (*shape[:-1], out_f) and y.is_contiguous()
+        ref = (x.float() @ ref_w.t() + bias).to(dtype)
+        torch.testing.assert_close(y, ref, rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                   atol=1e-4 if dtype == torch.float32 else 5e-2)
+
+
+def test_nvfp4_experts_match_dense_grouped_mlp():
+    g = torch.Generator().manual_seed(2)
+    e, d, i = 6, 32, 48
+    up, down = torch.randn(e, i, d, generator=g) * 0.2, torch.randn(e, d, i, generator=g) * 0.2
+    q = [quantize_nvfp4(up[k]) for k in range(e)]
+    r = [quantize_nvfp4(down[k]) for k in range(e)]
+    upq = tuple(torch.stack([t[j] for t in q]) for j in range(3))
+    dnq = tuple(torch.stack([t[j] for t in r]) for j in range(3))
+    up_ref = torch.stack([dequantize_nvfp4(*t) for t in q])
+    dn_ref = torch.stack([dequantize_nvfp4(*t) for t in r])
+    for n in (1, 9):
+        x = torch.randn(n, d, generator=g)
+        ids = torch.stack([torch.randperm(e, generator=g)[:2] for _ in range(n)])
+        weights = torch.rand(n, 2, generator=g)
+        got = nvfp4_grouped_expert_mlp(x, weights, ids, upq, dnq)
+        torch.testing.assert_close(got, grouped_expert_mlp(x, weights, ids, up_ref, dn_ref), rtol=1e-5, atol=1e-5)
+        # the module computes the same
+        m = NVFP4Experts(e, d, i)
+        m.up_proj, m.up_proj_weight_scale, m.up_proj_weight_scale_2 = upq
+        m.down_proj, m.down_proj_weight_scale, m.down_proj_weight_scale_2 = dnq
+        torch.testing.assert_close(m(x, weights, ids), got)
+
+
+def test_packed_modules_from_dense():
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(64, 40, bias=True)
+    torch.nn.init.normal_(lin.weight, std=0.1, generator=g)
+    x = torch.randn(5, 64, generator=g)
+    for cls in (NVFP4Linear, FP8Linear):
+        q = cls.from_linear(lin, input_amax=3.0)
+        torch.testing.assert_close(q(x), x @ q.dequantize().t() + lin.bias, rtol=1e-5, atol=1e-5)
+        assert q.input_scale.item() == pytest.approx(3.0 / (2688.0 if cls is NVFP4Linear else 448.0))
+        assert set(q.state_dict()) >= {"weight", "weight_scale", "input_scale", "bias"}
+    nv = NVFP4Linear.from_linear(lin)
+    assert nv.weight.dtype == torch.uint8 and nv.weight.shape == (40, 32)
+    assert nv.weight_scale.dtype == torch.float8_e4m3fn and nv.weight_scale.shape == (40, 4)
+    assert nv.weight_scale_2.shape == () and nv.weight_scale_2.dtype == torch.float32
+    # experts with one projection dense and one FP8
+    from hylm.model.moe import Experts
+    dense = Experts(4, 32, 16)
+    torch.nn.init.normal_(dense.up_proj, std=0.1, generator=g)
+    torch.nn.init.normal_(dense.down_proj, std=0.1, generator=g)
+    qe = QuantizedExperts.from_experts(dense, None, "fp8")
+    assert torch.equal(qe.up_proj, dense.up_proj) and qe.down_proj.dtype == torch.float8_e4m3fn
+    x = torch.randn(6, 32, generator=g)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [0, 2], [1, 3]])
+    w = torch.rand(6, 2, generator=g)
+    ref = grouped_expert_mlp(x, w, ids, qe.dequantize("up_proj"), qe.dequantize("down_proj"))
+    torch.testing.assert_close(qe(x, w, ids), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_portable_dequant_path_matches_fast_path(monkeypatch):
+    """The torch-only path (other devices, big-endian hosts) gives the same bits as the CPU table path."""
+    import hylm.ops.fp8 as fp8_ops
+    import hylm.ops.nvfp4 as nvfp4_ops
+    from hylm.ops.fp8 import decode_fp8_cpu, quantize_fp8
+
+    g = torch.Generator().manual_seed(4)
+    packed, scales, gs = quantize_nvfp4(torch.randn(40, 64, generator=g))
+    w8, _ = quantize_fp8(torch.randn(8, 34, generator=g))
+    fast, fast8 = dequantize_nvfp4(packed, scales, gs), decode_fp8_cpu(w8)
+    monkeypatch.setattr(nvfp4_ops, "_LITTLE_ENDIAN", False)
+    monkeypatch.setattr(fp8_ops, "_LITTLE_ENDIAN", False)
+    assert torch.equal(dequantize_nvfp4(packed, scales, gs), fast)
+    assert torch.equal(decode_fp8_cpu(w8), fast8) and torch.equal(fast8, w8.float())
