@@ -417,10 +417,79 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# ---- hylm niah -------------------------------------------------------------------------------------------
+
+def _add_niah(sub: argparse._SubParsersAction) -> None:
+    from .eval.niah import add_arguments
+
+    p = sub.add_parser("niah", help="needle-in-a-haystack grid (length x depth) against the engine or a server",
+                       description="Hide needles (RULER variants) at depths of haystacks sized with the served "
+                                   "tokenizer, ask for them greedily, score by string match. Results are cached "
+                                   "in --out (a rerun resumes); prints a length x depth table and writes a "
+                                   "heatmap PNG.")
+    add_arguments(p)
+    p.set_defaults(func=cmd_niah)
+
+
+def cmd_niah(args: argparse.Namespace) -> int:
+    from .eval.niah import run
+
+    return run(args)
+
+
+# ---- hylm quantize ---------------------------------------------------------------------------------------
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a model to NVFP4 / FP8 (NVIDIA ModelOpt checkpoint layout)",
+                       description="Quantize a checkpoint (or a preset with random weights) and write a ModelOpt-"
+                                   "layout checkpoint that hylm (and ModelOpt-aware engines) load. Formats: nvfp4 "
+                                   "(as Nemotron 3 Nano's release: NVFP4 except lm_head, attention, the Mamba layer "
+                                   "before each attention layer), fp8 (per-tensor FP8 except lm_head), mixed (as "
+                                   "Super's: routed experts NVFP4; Mamba in/out_proj, shared experts, latent "
+                                   "projections FP8; attention, router, conv1d, norms, embeddings, lm_head bf16). "
+                                   "MTP always stays unquantized.")
+    p.add_argument("model", metavar="MODEL_DIR_OR_PRESET")
+    p.add_argument("out", metavar="OUT_DIR")
+    p.add_argument("--format", choices=("nvfp4", "fp8", "mixed"), default="nvfp4", help="policy (default nvfp4)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16",
+                   help="dtype to load the model in and to store the unquantized remainder (default bf16)")
+    p.add_argument("--calib-tokens", type=int, default=0,
+                   help="run this many random tokens through the model to set activation scales (input_scale, "
+                        "unused by the CPU path; default 0: input_scale 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration tokens and of preset weights")
+    p.add_argument("--max-shard-size", type=float, default=5.0, help="GB per safetensors shard (default 5)")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT_DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    resolve_config(args.model)  # a clear error for a bad model before anything loads
+    if os.path.isdir(args.model) and os.path.realpath(args.model) == os.path.realpath(args.out):
+        raise CLIError("OUT_DIR must differ from the model directory")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"{args.out}: exists and is not a directory")
+    if os.path.isdir(args.out) and not args.overwrite and any(
+            f == "config.json" or f.endswith(".safetensors") for f in os.listdir(args.out)):
+        raise CLIError(f"{args.out} already holds a checkpoint (pass --overwrite to replace it)")
+    if args.calib_tokens < 0 or args.max_shard_size <= 0:
+        raise CLIError("--calib-tokens must be >= 0 and --max-shard-size > 0")
+    from .weights.quantize import quantize_checkpoint
+
+    summary = quantize_checkpoint(args.model, args.out, fmt=args.format, dtype=args.dtype,
+                                  calib_tokens=args.calib_tokens, seed=args.seed,
+                                  max_shard_bytes=int(args.max_shard_size * 1e9), progress=not args.no_progress)
+    m = summary["modules"]
+    print(f"wrote {args.out}: quant_algo {summary['quant_algo']}, {m['nvfp4']} NVFP4 / {m['fp8']} FP8 / "
+          f"{m['dense']} unquantized linear modules (experts counted per expert), "
+          f"{_bytes(summary['weight_bytes'])} of weights")
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------------------
 
 # Each entry adds one subcommand; a new subcommand is one `_add_<name>` + `cmd_<name>` pair listed here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_generate, _add_chat, _add_serve, _add_train, _add_eval_tasks]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_generate, _add_chat, _add_serve, _add_train, _add_eval_tasks, _add_niah, _add_quantize]
 
 
 def build_parser() -> argparse.ArgumentParser:
