@@ -33,11 +33,30 @@ def load_config(path_or_preset: str | os.PathLike) -> ModelConfig:
         cfg_file = path / "config.json"
         if not cfg_file.exists():
             raise ConfigError(f"{path}: no config.json")
-        return ModelConfig.from_json(cfg_file)
+        config = ModelConfig.from_json(cfg_file)
+        _merge_generation_eos(config, path / "generation_config.json")
+        return config
     if str(path_or_preset) in PRESETS:
         return preset(str(path_or_preset))
     raise ConfigError(f"{path_or_preset}: neither a model directory nor a preset "
                       f"(presets: {', '.join(sorted(PRESETS))})")
+
+
+def _merge_generation_eos(config: ModelConfig, path: Path) -> None:
+    """Generation stops at every end id of generation_config.json too (Nemotron: </s> and <|im_end|>),
+    as transformers' generate and vLLM do."""
+    import json
+
+    if not path.exists():
+        return
+    try:
+        extra = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError):
+        raise ConfigError(f"{path}: not a valid JSON object") from None
+    ids = extra if isinstance(extra, list) else [extra] if isinstance(extra, int) else []
+    merged = list(dict.fromkeys(config.eos_token_ids() + [i for i in ids if isinstance(i, int)]))
+    if merged:
+        config.eos_token_id = merged if len(merged) > 1 else merged[0]
 
 
 def load_model(path_or_preset: str | os.PathLike | ModelConfig, dtype: str | torch.dtype = torch.float32,

@@ -127,3 +127,8 @@ def test_no_weights(tmp_path):
     (d / "config.json").write_text(json.dumps(CFG.to_hf_dict()))
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         hylm.load_model(d)
+
+
+def test_generation_config_eos_ids_are_stop_ids(ckpt):
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 11]}))
+    assert hylm.load_model(ckpt).config.eos_token_ids() == [2, 11]
