@@ -320,3 +320,10 @@ def test_schemathesis_small(server):
 def test_schemathesis_large(server):
     _fuzz(server, examples=150)
     server.assert_all_free()
+
+
+def test_sse_lines_survive_unicode_line_separators():
+    from hylm.server.serving import _sse
+
+    line = _sse({"text": "a\u2028b\x85c\u2029d\re\nf"})
+    assert line.endswith(b"\n\n") and len(line[:-2].decode().splitlines()) == 1

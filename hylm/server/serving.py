@@ -70,7 +70,9 @@ def _finite(x: float | None) -> float:
 
 
 def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+    # ASCII-escaped: generated text may hold U+2028, U+0085 and the like, which clients that split
+    # lines the Unicode way (httpx's aiter_lines, Python's splitlines) would take for line ends
+    return b"data: " + json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n\n"
 
 
 _DONE = b"data: [DONE]\n\n"
