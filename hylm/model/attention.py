@@ -9,10 +9,11 @@ from torch import nn
 from ..config import ModelConfig
 from .batch import Batch, State
 
-# Above this many attention scores per sequence and layer (t queries x context x heads), attention reads
-# the KV in windows with an online softmax instead of materialising all scores: memory stays bounded
-# by the window, whatever the context length.
-SCORE_BUDGET = 1 << 25
+# Above this many attention scores per sequence and layer (t queries x context x heads) in a chunk that
+# continues earlier context, attention reads the KV in windows with an online softmax: memory stays
+# bounded by the window, whatever the context length. Below it (and always without earlier context)
+# the fused SDPA kernel is faster.
+SCORE_BUDGET = 1 << 30
 
 
 class Attention(nn.Module):
@@ -48,7 +49,7 @@ class Attention(nn.Module):
                 if ctx:
                     raise ValueError("a sequence with earlier context needs a state to read it from")
                 keys, values = k[lo:hi], v[lo:hi]
-            elif self.num_heads * (hi - lo) * (ctx + hi - lo) > SCORE_BUDGET and hasattr(state, "kv_read"):
+            elif ctx and self.num_heads * (hi - lo) * (ctx + hi - lo) > SCORE_BUDGET and hasattr(state, "kv_read"):
                 state.kv_write(self.layer_idx, batch.slots[i], ctx, k[lo:hi], v[lo:hi])
                 out[lo:hi] = self._attend_windowed(q[lo:hi], state, batch.slots[i], ctx)
                 continue
