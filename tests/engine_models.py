@@ -40,3 +40,22 @@ def tiny_chat_checkpoint(path, seed: int = 0):
     config = TINY.replace(vocab_size=vocab, eos_token_id=[2, 11])
     save_hf_checkpoint(tiny_model(seed, config), path)
     return path
+
+
+def run_staggered(model, prompts, params, join_every=2, **cfg):
+    """Requests join one by one every `join_every` steps while others are mid-flight; returns the
+    outputs in prompt order and the engine's metrics, after checking every slot and block is free."""
+    from hylm.engine.engine import EngineConfig, LLMEngine
+
+    eng = LLMEngine(model, EngineConfig(**cfg))
+    outs, pending, ids, step = {}, list(enumerate(prompts)), {}, 0
+    while pending or eng.has_unfinished():
+        if pending and step % join_every == 0:
+            i, p = pending.pop(0)
+            ids[eng.add_request(p, params[i] if isinstance(params, list) else params)] = i
+        for o in eng.step():
+            if o.finished:
+                outs[ids[o.request_id]] = o.output_ids
+        step += 1
+    assert eng.pool.num_free_slots == eng.sizes.num_slots and eng.pool.num_free_blocks == eng.sizes.num_blocks
+    return [outs[i] for i in range(len(prompts))], eng.metrics

@@ -11,6 +11,7 @@ from hylm.engine.sampling_params import SamplingParams
 from hylm.engine.scheduler import RequestTooLong
 
 from engine_models import random_prompts, tiny_model
+from engine_models import run_staggered as staggered
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +31,7 @@ def run_alone(model, prompt, params, **cfg):
 
 
 def run_staggered(model, prompts, params, join_every=2, **cfg):
-    """Requests join one by one every `join_every` steps while others are mid-flight."""
-    eng = LLMEngine(model, EngineConfig(**cfg))
-    outs, pending, ids, step = {}, list(enumerate(prompts)), {}, 0
-    while pending or eng.has_unfinished():
-        if pending and step % join_every == 0:
-            i, p = pending.pop(0)
-            ids[eng.add_request(p, params[i] if isinstance(params, list) else params)] = i
-        for o in eng.step():
-            if o.finished:
-                outs[ids[o.request_id]] = o.output_ids
-        step += 1
-    assert eng.pool.num_free_slots == eng.sizes.num_slots and eng.pool.num_free_blocks == eng.sizes.num_blocks
-    return [outs[i] for i in range(len(prompts))]
+    return staggered(model, prompts, params, join_every, **cfg)[0]
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

@@ -8,7 +8,7 @@ import torch
 from hylm.engine.engine import EngineConfig, LLMEngine
 from hylm.engine.sampling_params import SamplingParams
 
-from engine_models import TINY, random_prompts, tiny_model
+from engine_models import TINY, random_prompts, run_staggered, tiny_model
 
 MTP = TINY.replace(num_nextn_predict_layers=1, mtp_pattern="*E")
 
@@ -37,18 +37,7 @@ def agreeable():
 
 
 def run(model, prompts, params, k, join_every=1, **cfg):
-    eng = LLMEngine(model, EngineConfig(speculative_tokens=k, **cfg))
-    outs, pending, ids, step = {}, list(enumerate(prompts)), {}, 0
-    while pending or eng.has_unfinished():
-        if pending and step % join_every == 0:
-            i, p = pending.pop(0)
-            ids[eng.add_request(p, params[i] if isinstance(params, list) else params)] = i
-        for o in eng.step():
-            if o.finished:
-                outs[ids[o.request_id]] = o.output_ids
-        step += 1
-    assert eng.pool.num_free_slots == eng.sizes.num_slots and eng.pool.num_free_blocks == eng.sizes.num_blocks
-    return [outs[i] for i in range(len(prompts))], eng.metrics
+    return run_staggered(model, prompts, params, join_every, speculative_tokens=k, **cfg)
 
 
 @pytest.mark.parametrize("k", [1, 3])

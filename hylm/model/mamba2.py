@@ -57,9 +57,10 @@ class Mamba2Mixer(nn.Module):
         """Conv + SSM for sequences that all have t new tokens; writes their rows of y [N, H, P]."""
         t = batch.seq_lens[seqs[0]]
         b = len(seqs)
-        starts = torch.tensor([batch.offsets[i] for i in seqs], device=xbc.device)
-        rows = (starts[:, None] + torch.arange(t, device=xbc.device)).reshape(-1)  # [b*t]
         whole = b == batch.num_seqs  # the group is the whole packed batch: use views, not gathers
+        if not whole:
+            starts = torch.tensor([batch.offsets[i] for i in seqs], device=xbc.device)
+            rows = (starts[:, None] + torch.arange(t, device=xbc.device)).reshape(-1)  # [b*t]
         xbc_g = (xbc if whole else xbc[rows]).reshape(b, t, self.conv_dim)  # [b, t, conv_dim]
         dt_g = (dt if whole else dt[rows]).reshape(b, t, self.num_heads)  # [b, t, H]
         a = -torch.exp(self.A_log.float())  # [H]
@@ -99,7 +100,7 @@ class Mamba2Mixer(nn.Module):
                 if keep:
                     saved_conv.append(conv_state.clone())
                     saved_ssm.append(ssm_state.clone())
-            out = torch.stack(outs, dim=1)  # [b, t, H, P]
+            out = outs[0].unsqueeze(1) if t == 1 else torch.stack(outs, dim=1)  # [b, t, H, P]
             final_ssm = ssm_state
             if keep:
                 layer_saved = batch.saved_states.setdefault(self.layer_idx, {})

@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import CheckpointError
+from .errors import CheckpointError, tensor_problems
 
 _PER_EXPERT = re.compile(r"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
 _PICKLED = ("pytorch_model.bin", "model.pt", "model.pth", "pytorch_model.bin.index.json")
-_MAX_LISTED = 12
 
 
 def canonical_name(name: str) -> str:
@@ -59,11 +58,6 @@ def _open(path: Path):
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
-
-
-def _fmt(names: list[str]) -> str:
-    shown = ", ".join(names[:_MAX_LISTED])
-    return shown + (f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
 
 def load_hf_checkpoint(model: torch.nn.Module, directory: str | os.PathLike, dtype: torch.dtype,
@@ -129,13 +123,7 @@ def load_hf_checkpoint(model: torch.nn.Module, directory: str | os.PathLike, dty
                                        f"(expert {e} of {want[0]})")
         elif name not in optional:
             missing.append(name)
-    problems = []
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): {_fmt(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {_fmt(sorted(unexpected))}")
-    if wrong_shape:
-        problems.append(f"tensors with the wrong shape ({len(wrong_shape)}): {_fmt(wrong_shape)}")
+    problems = tensor_problems(missing, unexpected, wrong_shape)
     if problems:
         raise CheckpointError(f"checkpoint {directory} does not match its config:\n  " + "\n  ".join(problems))
 

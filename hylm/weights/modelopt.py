@@ -36,7 +36,8 @@ from ..model.moe import Experts
 from ..model.quantized import (FP8, NVFP4, QUANTIZED_LINEAR, QUANTIZED_MODULES, QuantizedExperts, _replace,
                                checkpoint_name, nvfp4_capable)
 from .errors import CheckpointError
-from .hf_safetensors import _fmt, _set, canonical_name, checkpoint_files
+from .errors import format_names as _fmt, tensor_problems
+from .hf_safetensors import _set, canonical_name, checkpoint_files
 
 ALGOS = {"NVFP4": NVFP4, "FP8": FP8}
 SUPPORTED_ALGOS = ("NVFP4", "FP8", "MIXED_PRECISION")
@@ -385,12 +386,7 @@ def _load(model: nn.Module, directory: Path, dtype: torch.dtype, device: torch.d
         unique = list(dict.fromkeys(spec.problems))
         problems.append(f"quantization config problems ({len(unique)}): {_fmt(unique)}")
     missing = [checkpoint_name(n) for n in missing]  # named as in the checkpoint's files
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): {_fmt(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {_fmt(sorted(unexpected))}")
-    if wrong_shape:
-        problems.append(f"tensors with the wrong shape ({len(wrong_shape)}): {_fmt(wrong_shape)}")
+    problems += tensor_problems(missing, unexpected, wrong_shape)
     if wrong_dtype:
         problems.append(f"tensors with the wrong dtype ({len(wrong_dtype)}): {_fmt(wrong_dtype)}")
     if problems:
