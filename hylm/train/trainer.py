@@ -295,6 +295,7 @@ class Trainer:
         self.history: dict[str, list] = {"step": [], "loss": [], "main_loss": [], "mtp_loss": [], "lr": [],
                                          "grad_norm": [], "tokens": [], "eval": []}
         self.tokens_seen = 0
+        self.train_seconds = 0.0  # wall time spent in steps, summed over resumed runs (for the model card)
         self.out.mkdir(parents=True, exist_ok=True)
 
         resume_dir = latest_checkpoint(self.out) if cfg.resume else None
@@ -454,7 +455,8 @@ class Trainer:
         copy_tokenizer_files(self.tokenizer_dir, tmp)
         save_optimizer(self.model, self.optimizer, tmp / OPTIMIZER_FILE)
         state = {"format": STATE_FORMAT, "step": self.step, "cursor": self.cursor, "tokens_seen": self.tokens_seen,
-                 "seed": self.cfg.seed, "data_seed": self.cfg.data_seed, "seq_len": self.cfg.seq_len,
+                 "train_seconds": self.train_seconds, "seed": self.cfg.seed, "data_seed": self.cfg.data_seed,
+                 "seq_len": self.cfg.seq_len,
                  "history": self.history, "train_config": self.cfg.to_json()}
         (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
         if final.exists():
@@ -472,6 +474,7 @@ class Trainer:
             raise ValueError(f"{directory / STATE_FILE}: unknown trainer state format {state.get('format')!r}")
         self.step, self.cursor = int(state["step"]), int(state["cursor"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self.history = state["history"]
         if state.get("data_seed", self.cfg.data_seed) != self.cfg.data_seed:
             self.log("hylm train: warning: data_seed differs from the checkpoint's; the data stream changes")
@@ -484,6 +487,7 @@ class Trainer:
         save_hf_checkpoint(self.model, self.out)
         copy_tokenizer_files(self.tokenizer_dir, self.out)
         state = {"format": STATE_FORMAT, "step": self.step, "tokens_seen": self.tokens_seen,
+                 "train_seconds": round(self.train_seconds, 1),
                  "seq_len": self.cfg.seq_len, "train_config": self.cfg.to_json(),
                  "final_loss": self.history["loss"][-1] if self.history["loss"] else None}
         (self.out / "train_summary.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -509,6 +513,7 @@ class Trainer:
                 pb = self.next_batch()
                 rec = self.train_step(pb)
                 dt = time.perf_counter() - t0
+                self.train_seconds += dt
                 tokens_run += pb.real_tokens
                 window_tokens += pb.real_tokens
                 window_time += dt
