@@ -1,0 +1,102 @@
+"""MTP speculative decoding on the bundled model: decode speed with and without speculation, same run.
+
+    python3 benchmarks/bench_speculative.py                    # models/hylm-tiny, K=3, batch 1 and 8
+    python3 benchmarks/bench_speculative.py --k 1,2,3 --batch 1,8 --prompts 16 --max-tokens 256
+
+Prompts are held-out curriculum conversations (seeds >= 10**9, never trained on) of the tasks that produce
+long answers (reasoned arithmetic, tool calls, list tasks). For each batch size the same prompts run through
+an engine without speculation and one with K MTP drafts per step; greedy outputs must be identical (checked).
+Prints output tok/s, the speedup, the draft acceptance rate and the mean tokens per verification step, and
+the decode roofline fraction of the plain run (weights read once per step over measured memory bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_cpu import active_weight_bytes, measure_bandwidth  # noqa: E402
+
+import hylm  # noqa: E402
+from hylm.chat import ChatTemplate, Tokenizer  # noqa: E402
+from hylm.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from hylm.engine.sampling_params import SamplingParams  # noqa: E402
+from hylm.train import curriculum  # noqa: E402
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "hylm-tiny"
+TASKS = ("arith_think", "arith_low_effort", "tool_call", "sort", "reverse")
+
+
+def held_out_prompts(model_dir: Path, n: int) -> list[list[int]]:
+    tok, tpl = Tokenizer.from_dir(model_dir), ChatTemplate.from_dir(model_dir)
+    prompts = []
+    for i in range(n):
+        ex = curriculum.generate_example(TASKS[i % len(TASKS)], random.Random(curriculum.EVAL_SEED_BASE + i))
+        prompts.append(tok.encode(curriculum.render_prompt(ex, tpl, ex.assistant_turns()[0])))
+    return prompts
+
+
+def run(model, prompts: list[list[int]], batch: int, k: int, max_tokens: int, stop: list[int]):
+    """All prompts through one engine (`batch` sequences at a time); returns (outputs, seconds, metrics)."""
+    longest = max(len(p) for p in prompts) + max_tokens + k + 8
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=batch, max_model_len=longest, speculative_tokens=k,
+                                           enable_prefix_caching=False))
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_token_ids=stop)
+    outputs: dict[int, list[int]] = {}
+    t = time.perf_counter()
+    ids = [engine.add_request(p, params) for p in prompts]
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    seconds = time.perf_counter() - t
+    return [outputs.get(i, []) for i in ids], seconds, engine.metrics
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--k", default="3", help="draft tokens per step, comma-separated (default 3)")
+    ap.add_argument("--batch", default="1,8", help="batch sizes (default 1,8)")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per batch size (default 8; at least the batch)")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = Path(args.model)
+    model = hylm.load_model(model_dir, dtype=torch.float32)
+    tok = Tokenizer.from_dir(model_dir)
+    stop = sorted(set(tok.eos_token_ids))
+    bw = measure_bandwidth()
+    weight_bytes = active_weight_bytes(model)
+    print(f"# {model_dir.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+          f"{torch.get_num_threads()} threads, read bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"# prompts: held-out {', '.join(TASKS)}; greedy; max_tokens {args.max_tokens}")
+    print("| batch | K | plain tok/s | spec tok/s | speedup | acceptance | tokens/step | identical | "
+          "plain roofline frac |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    run(model, held_out_prompts(model_dir, 2), 2, 0, 16, stop)  # warm-up: allocator, thread pool
+    for batch in [int(b) for b in args.batch.split(",")]:
+        prompts = held_out_prompts(model_dir, max(args.prompts, batch))
+        plain, t_plain, m_plain = run(model, prompts, batch, 0, args.max_tokens, stop)
+        n_tokens = sum(len(o) for o in plain)
+        # each plain decode step reads the active weights once for the whole batch
+        roofline_tok_s = bw / weight_bytes * min(batch, len(prompts))
+        for k in [int(x) for x in args.k.split(",")]:
+            spec, t_spec, m_spec = run(model, prompts, batch, k, args.max_tokens, stop)
+            same = spec == plain
+            print(f"| {batch} | {k} | {n_tokens / t_plain:.1f} | {n_tokens / t_spec:.1f} | {t_plain / t_spec:.2f}x | "
+                  f"{m_spec.spec_acceptance_rate:.2f} | {m_spec.spec_mean_accepted_length:.2f} | "
+                  f"{'yes' if same else 'NO'} | {n_tokens / t_plain / roofline_tok_s:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
