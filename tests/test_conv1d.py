@@ -86,3 +86,19 @@ def test_step_after_prefill_shorter_than_kernel():
     outs = [o1] + [causal_conv1d_step(x[:, t], w, bias, state)[:, None] for t in range(2, 8)]
     torch.testing.assert_close(torch.cat(outs, 1), full)
     torch.testing.assert_close(state, full_state)
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_conv_states_after_each_equal_the_stepped_states(K):
+    from hylm.ops.conv1d import conv_states_after_each
+
+    g = torch.Generator().manual_seed(K)
+    b, T, C = 2, 5, 6
+    x, w = torch.randn(b, T, C, generator=g), torch.randn(C, K, generator=g)
+    state = torch.randn(b, C, K - 1, generator=g)
+    states = conv_states_after_each(x, state)
+    assert states.shape == (b, T, C, K - 1)
+    stepped = state.clone()
+    for t in range(T):
+        causal_conv1d_step(x[:, t], w, None, stepped)
+        assert torch.equal(states[:, t], stepped)

@@ -155,3 +155,25 @@ def test_group_mapping_is_contiguous_blocks():
     torch.testing.assert_close(y[:, :, 2:], x[:, :, 2:] * D[2:, None])
     assert s[:, 2:].abs().max() == 0
     assert s[:, :2].abs().max() > 0
+
+
+@pytest.mark.parametrize("t,groups", [(1, 1), (2, 2), (4, 2), (6, 3)])
+def test_ssd_steps_keeps_every_state_of_the_float64_loop(t, groups):
+    """ssd_steps (closed form, for speculative verification) vs the float64 token loop: outputs and the
+    state after every position."""
+    from hylm.ops.ssd import ssd_steps
+
+    g = torch.Generator().manual_seed(t * 10 + groups)
+    b, H, P, N = 2, 6, 5, 7
+    x = torch.randn(b, t, H, P, generator=g)
+    dt = torch.rand(b, t, H, generator=g) * 0.5
+    A = -torch.rand(H, generator=g) * 2
+    B, C = torch.randn(b, t, groups, N, generator=g), torch.randn(b, t, groups, N, generator=g)
+    D = torch.randn(H, generator=g)
+    h0 = torch.randn(b, H, P, N, generator=g)
+    y, states = ssd_steps(h0, x, dt, A, B, C, D)
+    assert y.shape == (b, t, H, P) and states.shape == (b, t, H, P, N)
+    for j in range(t):
+        y_ref, h_ref = ssd_reference(x[:, : j + 1], dt[:, : j + 1], A, B[:, : j + 1], C[:, : j + 1], D, h0)
+        torch.testing.assert_close(states[:, j].double(), h_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y[:, j].double(), y_ref[:, j], atol=1e-5, rtol=1e-5)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops.conv1d import causal_conv1d, causal_conv1d_step
-from ..ops.ssd import ssd_chunked, ssd_step
+from ..ops.conv1d import causal_conv1d, causal_conv1d_step, conv_states_after_each
+from ..ops.ssd import ssd_chunked, ssd_step, ssd_steps
 from .batch import Batch, State
 from .norm import GatedRMSNorm
 
@@ -87,26 +87,28 @@ class Mamba2Mixer(nn.Module):
                 conv_state, ssm_state = conv_all[slots], ssm_all[slots]  # [b, conv_dim, K-1], [b, H, P, N]
 
         keep = bool(batch.keep_states and batch.keep_states[seqs[0]])
-        if (t == 1 or keep) and state is not None:
-            # token by token; with `keep`, the state after every position is saved for rollback
-            saved_conv, saved_ssm, outs = [], [], []
-            for j in range(t):
-                h = F.silu(causal_conv1d_step(xbc_g[:, j], conv_w, self.conv1d.bias, conv_state))  # [b, conv_dim]
-                xs, bmat, cmat = h.split([self.d_inner, self.n_groups * self.state_size,
-                                          self.n_groups * self.state_size], dim=-1)
-                outs.append(ssd_step(ssm_state, xs.view(b, self.num_heads, self.head_dim), dt_g[:, j], a,
-                                     bmat.view(b, self.n_groups, self.state_size),
-                                     cmat.view(b, self.n_groups, self.state_size), self.D.float()))  # [b, H, P]
-                if keep:
-                    saved_conv.append(conv_state.clone())
-                    saved_ssm.append(ssm_state.clone())
-            out = outs[0].unsqueeze(1) if t == 1 else torch.stack(outs, dim=1)  # [b, t, H, P]
+        if keep and state is not None:
+            # speculative verification: the states after every position are kept for rollback
+            convs = conv_states_after_each(xbc_g, conv_state)  # [b, t, conv_dim, K-1]
+            h, conv_state = causal_conv1d(xbc_g, conv_w, self.conv1d.bias, conv_state)
+            h = F.silu(h)  # [b, t, conv_dim]
+            xs, bmat, cmat = h.split([self.d_inner, self.n_groups * self.state_size,
+                                      self.n_groups * self.state_size], dim=-1)
+            out, ssms = ssd_steps(ssm_state, xs.reshape(b, t, self.num_heads, self.head_dim), dt_g, a,
+                                  bmat.reshape(b, t, self.n_groups, self.state_size),
+                                  cmat.reshape(b, t, self.n_groups, self.state_size), self.D.float())
+            final_ssm = ssms[:, -1]  # [b, H, P, N]
+            layer_saved = batch.saved_states.setdefault(self.layer_idx, {})
+            for g, i in enumerate(seqs):
+                layer_saved[i] = (convs[g], ssms[g])
+        elif t == 1 and state is not None:
+            h = F.silu(causal_conv1d_step(xbc_g[:, 0], conv_w, self.conv1d.bias, conv_state))  # [b, conv_dim]
+            xs, bmat, cmat = h.split([self.d_inner, self.n_groups * self.state_size,
+                                      self.n_groups * self.state_size], dim=-1)
+            out = ssd_step(ssm_state, xs.view(b, self.num_heads, self.head_dim), dt_g[:, 0], a,
+                           bmat.view(b, self.n_groups, self.state_size),
+                           cmat.view(b, self.n_groups, self.state_size), self.D.float()).unsqueeze(1)  # [b, 1, H, P]
             final_ssm = ssm_state
-            if keep:
-                layer_saved = batch.saved_states.setdefault(self.layer_idx, {})
-                convs, ssms = torch.stack(saved_conv, 1), torch.stack(saved_ssm, 1)  # [b, t, ...]
-                for g, i in enumerate(seqs):
-                    layer_saved[i] = (convs[g], ssms[g])
         else:
             h, conv_state = causal_conv1d(xbc_g, conv_w, self.conv1d.bias, conv_state)
             h = F.silu(h)  # [b, t, conv_dim]

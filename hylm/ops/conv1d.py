@@ -13,7 +13,7 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["causal_conv1d", "causal_conv1d_step"]
+__all__ = ["causal_conv1d", "causal_conv1d_step", "conv_states_after_each"]
 
 
 def causal_conv1d(
@@ -67,3 +67,13 @@ def causal_conv1d_step(
         shifted = torch.cat([conv_state[:, :, 1:], x.to(conv_state.dtype).unsqueeze(-1)], dim=-1)  # [b, C, K-1]
         conv_state.copy_(shifted)
     return out
+
+
+def conv_states_after_each(x: Tensor, conv_state: Tensor) -> Tensor:
+    """The rolling state after each position of x [b, T, C], starting from conv_state [b, C, K-1]:
+    [b, T, C, K-1] (what `causal_conv1d_step` would hold after each token; for speculative rollback)."""
+    K1 = conv_state.shape[-1]
+    xpad = torch.cat([conv_state.transpose(1, 2), x.to(conv_state.dtype)], dim=1)  # [b, K-1+T, C]
+    if K1 == 0:
+        return xpad.new_zeros(x.shape[0], x.shape[1], x.shape[2], 0)
+    return xpad.unfold(1, K1, 1)[:, 1:]  # [b, T, C, K-1]: window j+1 ends at position j
