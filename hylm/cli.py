@@ -204,6 +204,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def bundled_model_or(model: str | None, command: str) -> str:
+    """The model a command was given, else the bundled one (models/hylm-tiny)."""
+    from .server import DEFAULT_MODEL_DIR
+
+    if model is not None:
+        return model
+    if not DEFAULT_MODEL_DIR.is_dir():
+        raise CLIError(f"a model is required: hylm {command} MODEL_DIR (the bundled model {DEFAULT_MODEL_DIR} is "
+                       "missing from this installation)")
+    return str(DEFAULT_MODEL_DIR)
+
+
 # ---- hylm chat ------------------------------------------------------------------------------------------
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -213,7 +225,8 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="interactive chat in the terminal (reasoning shown dimmed)",
                        description="Chat with a model in the terminal. Commands: /think and /nothink toggle "
                                    "reasoning, /reset clears the conversation, /exit quits.")
-    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("model", metavar="MODEL_DIR", nargs="?", default=None,
+                   help="a checkpoint directory with tokenizer.json (default: the bundled model)")
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--reasoning-budget", type=int, default=None, help="maximum reasoning tokens per answer")
     p.add_argument("--no-think", action="store_true", help="start with reasoning off")
@@ -231,6 +244,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .engine.llm import LLM
     from .engine.sampling_params import SamplingParams
 
+    args.model = bundled_model_or(args.model, "chat")
     resolve_config(args.model)
     if not os.path.isfile(os.path.join(args.model, "tokenizer.json")):
         raise CLIError(f"{args.model} has no tokenizer.json: chat needs a tokenizer")
@@ -338,13 +352,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import DEFAULT_MODEL_DIR
-
-    model = args.model
-    if model is None:
-        if not DEFAULT_MODEL_DIR.is_dir():
-            raise CLIError("a model is required: hylm serve MODEL_DIR (the bundled model is not there yet)")
-        model = str(DEFAULT_MODEL_DIR)
+    model = bundled_model_or(args.model, "serve")
     if not os.path.isdir(model):
         raise CLIError(f"{model}: not a model directory")
     resolve_config(model)  # a clear error for a bad model before anything loads
