@@ -83,6 +83,10 @@ def model_card(name: str, config: dict[str, Any], summary: dict[str, Any], resul
     acc, counts = results["accuracy"], results["counts"]
     train_len = results["train_len"]
     needle_at_train = [acc[f"{r}@{train_len}"] for r in NEEDLE_ROWS if f"{r}@{train_len}" in acc]
+    kind_chars = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "moe": "E",
+                  "mlp": "-"}
+    mtp_pattern = config.get("mtp_hybrid_override_pattern") or "".join(
+        kind_chars.get(k, "?") for k in config.get("mtp_layers_block_type", []))
     lines = [
         f"# {name}",
         "",
@@ -93,7 +97,7 @@ def model_card(name: str, config: dict[str, Any], summary: dict[str, Any], resul
         "",
         "## Architecture",
         "",
-        f"- pattern `{config.get('hybrid_override_pattern')}` + MTP `{config.get('mtp_hybrid_override_pattern', '')}`, "
+        f"- pattern `{config.get('hybrid_override_pattern')}` + MTP `{mtp_pattern}`, "
         f"hidden {config['hidden_size']}, vocab {config['vocab_size']}",
         f"- {params['total']:,} parameters ({params['active']:,} active per token), MTP block {params['mtp']:,}",
         f"- Mamba-2: {config['mamba_num_heads']} heads x {config['mamba_head_dim']}, state {config['ssm_state_size']}, "
