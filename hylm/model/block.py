@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -33,8 +35,13 @@ class Block(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.mixer = make_mixer(config, kind, layer_idx)
         self.stateful = kind in (MAMBA, ATTENTION)
+        # Set by tensor parallelism: the all-reduce that sums the ranks' partial mixer outputs (one per
+        # block). None on a single device.
+        self.reduce_output: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:
         h = self.norm(x)
         h = self.mixer(h, batch, state) if self.stateful else self.mixer(h)
+        if self.reduce_output is not None:
+            h = self.reduce_output(h)
         return x + h
