@@ -67,6 +67,37 @@ def _bytes(n: int) -> str:
     return f"{n} B" if unit == "B" else f"{value:.2f} {unit} ({n} B)"
 
 
+def _add_parallel(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism (torch.distributed: gloo on CPU, NCCL on CUDA)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split every layer over N ranks: under torchrun, its N processes (one or more machines); "
+                        "otherwise this process spawns N - 1 more on this machine (default 1)")
+    g.add_argument("--expert-parallel", action="store_true",
+                   help="give each tensor-parallel rank a slice of whole routed experts instead of a slice of "
+                        "every expert")
+    g.add_argument("--expert-parallel-size", type=int, default=None, metavar="N",
+                   help="expert parallelism over N ranks without tensor parallelism: each rank holds every "
+                        "other layer whole and 1/N of the routed experts")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu, or cuda (one GPU per rank, its local rank)")
+
+
+def _parallel_sizes(args: argparse.Namespace) -> tuple[int, int] | None:
+    """(tensor parallel size, expert parallel size), or None for one process."""
+    tp = args.tensor_parallel_size
+    ep = args.expert_parallel_size if args.expert_parallel_size is not None else (tp if args.expert_parallel else 1)
+    if tp < 1 or ep < 1:
+        raise CLIError("--tensor-parallel-size and --expert-parallel-size must be >= 1")
+    if tp > 1 and ep > 1 and tp != ep:
+        raise CLIError("expert parallelism spans the tensor-parallel ranks: use --expert-parallel "
+                       "(or --expert-parallel-size equal to --tensor-parallel-size)")
+    if max(tp, ep) == 1:
+        return None
+    if args.speculative_tokens:
+        raise CLIError("--speculative-tokens is not supported with tensor or expert parallelism")
+    return tp, ep
+
+
 # ---- hylm inspect ---------------------------------------------------------------------------------------
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -166,6 +197,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-stream", action="store_true", help="print the whole result at the end")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="draft this many tokens per step with the model's MTP block (0: off)")
+    _add_parallel(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -186,8 +218,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             ignore_eos=args.ignore_eos)
     max_len = args.max_model_len
     prompt = args.prompt if args.prompt is not None else _parse_ids(args.prompt_ids)
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=1, max_model_len=max_len,
-              speculative_tokens=args.speculative_tokens)
+    sizes = _parallel_sizes(args)
+    if sizes is None:
+        llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=1, max_model_len=max_len,
+                  speculative_tokens=args.speculative_tokens)
+        return _generate(llm, args, prompt, params)
+    from .chat.tokenizer import Tokenizer
+    from .parallel import launch
+
+    model = launch.start(args.model, *sizes, dtype=args.dtype, device=args.device)
+    if model is None:  # a torchrun worker rank: it served rank 0's steps until rank 0 closed
+        return 0
+    try:
+        tokenizer = Tokenizer.from_dir(args.model) if os.path.isfile(os.path.join(args.model, "tokenizer.json")) \
+            else None
+        return _generate(LLM(model, tokenizer=tokenizer, max_num_seqs=1, max_model_len=max_len), args, prompt, params)
+    finally:
+        model.close()
+
+
+def _generate(llm, args: argparse.Namespace, prompt, params) -> int:
     if isinstance(prompt, str) and llm.tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer.json: pass --prompt-ids instead of --prompt")
     text_mode = llm.tokenizer is not None
@@ -348,6 +398,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="draft this many tokens per step with the model's MTP block (0: off)")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    _add_parallel(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -371,7 +422,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.shutdown_timeout < 0:
         raise CLIError("--shutdown-timeout must be >= 0")
 
-    from .engine.engine import EngineConfig
+    sizes = _parallel_sizes(args)
+    if sizes is not None:
+        from .parallel import launch
+
+        if launch.is_worker_rank():  # torchrun rank > 0: no HTTP, only rank 0's steps on this rank's shard
+            launch.start(model, *sizes, dtype=args.dtype, device=args.device, seed=args.seed)
+            return 0
+        if args.enable_prefix_caching:
+            print("hylm serve: prefix caching is off with tensor/expert parallelism (the other ranks do not "
+                  "keep state checkpoints yet)", file=sys.stderr)
+            args.enable_prefix_caching = False
+
+    from .engine.engine import EngineConfig, LLMEngine
     from .server.launch import bind, serve
     from .server.state import load_state
 
@@ -381,11 +444,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           enable_prefix_caching=args.enable_prefix_caching, prefix_cache_bytes=args.prefix_cache_bytes,
                           speculative_tokens=args.speculative_tokens)
     api_key = args.api_key if args.api_key is not None else (os.environ.get("HYLM_API_KEY") or None)
-    state = load_state(model, dtype=args.dtype, engine_config=config, served_model_names=args.served_model_name,
-                       max_waiting=args.max_waiting, api_key=api_key, max_body_bytes=args.max_body_bytes,
-                       shutdown_timeout=args.shutdown_timeout, seed=args.seed)
-    return serve(state, args.host, args.port, log_level=args.log_level, access_log=not args.no_access_log,
-                 shutdown_timeout=args.shutdown_timeout)
+    parallel_model = engine = None
+    if sizes is not None:
+        parallel_model = launch.start(model, *sizes, dtype=args.dtype, device=args.device, seed=args.seed)
+        engine = LLMEngine(parallel_model, config, seed=args.seed)
+    try:
+        state = load_state(model, dtype=args.dtype, device=args.device, engine_config=config, engine=engine,
+                           served_model_names=args.served_model_name, max_waiting=args.max_waiting, api_key=api_key,
+                           max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+                           seed=args.seed)
+        return serve(state, args.host, args.port, log_level=args.log_level, access_log=not args.no_access_log,
+                     shutdown_timeout=args.shutdown_timeout)
+    finally:
+        if parallel_model is not None:
+            parallel_model.close()
 
 
 # ---- hylm train ------------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ loader read and the bytes the collectives moved.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -244,3 +247,44 @@ def test_collectives_move_the_claimed_bytes(run, cname):
     gather = n * math.ceil(cfg.vocab_size / WORLD) * f32
     assert got["tp"] == {"all_reduce": tp_reduce, "gather": gather}
     assert got["tp_ep"] == got["tp"]  # the routed partial sums ride on the block's one all-reduce
+
+
+def _hylm(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(hylm.__file__).parent.parent))
+    return subprocess.Popen([sys.executable, *launcher, "-m", "hylm.cli", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _generated_ids(proc: subprocess.Popen) -> list[int]:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return [int(t) for t in out.split()]
+
+
+PROMPT = [5, 6, 7, 8, 9, 10, 11]
+GENERATE = ("--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", "8", "--ignore-eos", "--no-stream")
+
+
+def _reference_ids(model_dir: Path) -> list[int]:
+    from hylm.engine.llm import LLM
+
+    return LLM(hylm.load_model(model_dir)).generate(PROMPT, GREEDY)[0].outputs[0].token_ids
+
+
+def test_cli_generate_spawns_its_own_ranks(run):
+    work, _, _ = run
+    got = _generated_ids(_hylm("generate", str(work / "latent"), *GENERATE, "--tensor-parallel-size", "2",
+                               "--expert-parallel"))
+    assert got == _reference_ids(work / "latent")
+
+
+def test_cli_generate_under_torchrun_on_two_nodes(run):
+    """Two torchrun agents with node ranks 0 and 1, as on two machines (here both on 127.0.0.1)."""
+    work, _, _ = run
+    port = str(free_port())
+    nodes = [_hylm("generate", str(work / "plain"), *GENERATE, "--expert-parallel-size", "2",
+                   launcher=("-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                             "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", port))
+             for r in (1, 0)]
+    assert _generated_ids(nodes[0]) == []  # rank 1 prints nothing: rank 0 runs the engine
+    assert _generated_ids(nodes[1]) == _reference_ids(work / "plain")
