@@ -288,3 +288,29 @@ def test_cli_generate_under_torchrun_on_two_nodes(run):
              for r in (1, 0)]
     assert _generated_ids(nodes[0]) == []  # rank 1 prints nothing: rank 0 runs the engine
     assert _generated_ids(nodes[1]) == _reference_ids(work / "plain")
+
+
+def test_rank_zero_model_refuses_what_its_ranks_would_not_mirror():
+    """Prefix caching copies states inside rank 0's pool only; the MTP block is not split: both refused."""
+    from hylm.engine.engine import EngineConfig, LLMEngine
+    from hylm.parallel import build_local_model
+    from hylm.parallel.group import Communicator
+
+    cfg = CONFIGS["latent"].replace(num_nextn_predict_layers=1, mtp_pattern="*E")
+    model = build_local_model(cfg, layout("tp", 0), Communicator(0, WORLD, torch.device("cpu")), RankZeroModel)
+    with pytest.raises(ValueError, match="prefix caching"):
+        LLMEngine(model, EngineConfig(enable_prefix_caching=True, max_model_len=64))
+    with pytest.raises(ValueError, match="no MTP block"):
+        LLMEngine(model, EngineConfig(speculative_tokens=2, max_model_len=64))
+    with pytest.raises(RuntimeError, match="not attached"):
+        model.hidden_states(torch.tensor([5]), hylm.model.Batch.uniform(1, 1))
+
+
+@pytest.mark.parametrize("tp,ep,message", [(3, 1, "num_attention_heads=4 is not divisible"),
+                                           (2, 4, "must be 1 or equal"),
+                                           (1, 16, "fewer than the 16 expert-parallel ranks")])
+def test_layouts_that_cannot_be_exact_are_refused(tp, ep, message):
+    from hylm.parallel import local_config
+
+    with pytest.raises(ValueError, match=message):
+        local_config(CONFIGS["latent"], ParallelLayout.from_sizes(tp, ep))

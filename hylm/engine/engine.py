@@ -54,6 +54,8 @@ class LLMEngine:
                                           c.block_size, dtype, with_mtp=bool(self.spec_k))
         self.pool = StatePool(model.config, self.sizes, dtype=dtype, device=device, with_mtp=bool(self.spec_k))
         self.prefix_cache = None
+        if c.enable_prefix_caching and not getattr(model, "supports_prefix_caching", True):
+            raise ValueError("prefix caching is not supported by this model (e.g. one split across processes)")
         if c.enable_prefix_caching:
             budget = c.prefix_cache_bytes if c.prefix_cache_bytes is not None else 4 * c.max_num_seqs * self.sizes.slot_bytes
             self.prefix_cache = PrefixCache(self.pool, budget, c.prefix_cache_interval_blocks)

@@ -83,6 +83,8 @@ class RankZeroModel(NemotronHModel):
     state pool (or no state); speculative decoding and prefix caching are not mirrored to the ranks."""
 
     comm: Communicator | None = None
+    # the engine's prefix cache copies states inside rank 0's pool, which the other ranks would not see
+    supports_prefix_caching = False
 
     def attach(self, comm: Communicator, processes: list = ()) -> None:
         """Start driving the other ranks (serve_rank_zero on them); `processes` are spawned workers to
@@ -92,6 +94,8 @@ class RankZeroModel(NemotronHModel):
         self._ranks_stopped = False
 
     def hidden_states(self, input_ids: torch.Tensor, batch: Batch, state: StatePool | None = None) -> torch.Tensor:
+        if self.comm is None:
+            raise RuntimeError("this rank-0 model is not attached to its ranks (or was closed)")
         if state is not None and not isinstance(state, StatePool):
             raise TypeError(f"a model split across ranks runs on the engine's StatePool, not {type(state).__name__}")
         if batch.keep_states:
