@@ -184,10 +184,9 @@ def ssd_steps(
     C: Tensor,
     D: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """A few recurrence steps at once, keeping the state after every one (speculative verification needs
-    them to roll back to any accepted position). The states are the closed form
-    h_j = exp(cum_j) h_0 + sum_{i<=j} exp(cum_j - cum_i) dt_i x_i B_i^T  with cum = cumsum(dt * A),
-    one batched product instead of t sequential steps (t is small: the drafts plus one).
+    """A few recurrence steps keeping the state after every one (speculative verification rolls back to any
+    accepted position). The inputs of all steps are prepared at once and each step is one fused
+    multiply-add into its slot of the output, so t steps cost little more than one (t is the drafts plus one).
 
     state: [b, H, P, N] float32 (not modified); x: [b, t, H, P]; dt: [b, t, H]; A: [H]; B, C: [b, t, G, N];
     D: [H] or None. Returns (y [b, t, H, P], states [b, t, H, P, N]) float32.
@@ -200,20 +199,19 @@ def ssd_steps(
         raise ValueError(f"n_heads={H} is not divisible by n_groups={G}")
     f32 = torch.float32
     x, dt = x.to(f32), dt.to(f32)
-    cum = torch.cumsum(dt * A.to(f32), dim=1)  # [b, t, h]
-    diff = cum.unsqueeze(2) - cum.unsqueeze(1)  # [b, j, i, h]: cum_j - cum_i
-    causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()  # [j, i]
-    decay = torch.exp(diff.masked_fill(~causal[None, :, :, None], -math.inf))  # [b, j, i, h]
-    xdt = (x * dt.unsqueeze(-1)).view(b, t, G, R, P)  # [b, t, g, r, p]
-    # sum over source positions i first (t x t per head), then the outer product with B_i
-    w = decay.view(b, t, t, G, R)  # [b, j, i, g, r]
-    states = torch.einsum("bjigr,bigrp,bign->bjgrpn", w, xdt, B.to(f32))  # [b, t, g, r, p, n]
-    carry = torch.exp(cum).view(b, t, G, R, 1, 1)  # [b, t, g, r, 1, 1]
-    states = states + carry * state.to(f32).view(b, 1, G, R, P, N)  # [b, t, g, r, p, n]
-    y = torch.einsum("bjgrpn,bjgn->bjgrp", states, C.to(f32)).reshape(b, t, H, P)  # [b, t, h, p]
+    dA = torch.exp(dt * A.to(f32)).view(b, t, G, R, 1, 1)  # [b, t, g, r, 1, 1]
+    xdt = (x * dt.unsqueeze(-1)).view(b, t, G, R, P, 1)  # [b, t, g, r, p, 1]
+    inputs = xdt * B.to(f32).view(b, t, G, 1, 1, N)  # [b, t, g, r, p, n]
+    states = torch.empty_like(inputs)  # [b, t, g, r, p, n]
+    prev = state.to(f32).view(b, G, R, P, N)  # [b, g, r, p, n]
+    for j in range(t):
+        torch.addcmul(inputs[:, j], prev, dA[:, j], out=states[:, j])  # h_j = h_{j-1} * dA_j + dt_j x_j B_j
+        prev = states[:, j]
+    y = torch.linalg.vecdot(states.view(b, t, G, R * P, N), C.to(f32).view(b, t, G, 1, N))  # [b, t, g, r*p]
+    y = y.view(b, t, H, P)  # [b, t, h, p]
     if D is not None:
         y = y + x * D.to(f32)[:, None]  # [b, t, h, p]
-    return y, states.reshape(b, t, H, P, N)
+    return y, states.view(b, t, H, P, N)
 
 
 def ssd_reference(
