@@ -20,7 +20,7 @@ def test_windowed_equals_dense_through_cache(model, monkeypatch):
     with torch.no_grad():
         dense = model(ids)
         steps = [ids[:, :100], ids[:, 100:101], ids[:, 101:237], ids[:, 237:]]
-        monkeypatch.setattr(attention, "SCORE_BUDGET", 1000)  # every chunk takes the windowed path
+        monkeypatch.setattr(attention, "KV_WINDOW", 7)  # many windows per chunk
         cache = model.new_cache(1)
         windowed = torch.cat([model(s, cache=cache) for s in steps], 1)
     assert ((windowed - dense).abs().max() / dense.abs().max()) < 1e-5
@@ -42,7 +42,7 @@ def test_windowed_engine_outputs_and_logprobs(model, monkeypatch):
         return [res[i] for i in ids]
 
     dense = run()
-    monkeypatch.setattr(attention, "SCORE_BUDGET", 3000)
+    monkeypatch.setattr(attention, "KV_WINDOW", 40)
     windowed = run()
     for (td, ld), (tw, lw) in zip(dense, windowed):
         assert td == tw

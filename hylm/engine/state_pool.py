@@ -95,6 +95,7 @@ class StatePool:
         self.free_slots = list(range(s - 1, -1, -1))  # pop() hands out slot 0 first
         self.free_blocks = list(range(sizes.num_blocks - 1, -1, -1))
         self.block_tables: dict[int, list[int]] = {}  # slot -> KV block ids in sequence order
+        self._mirrors: dict[int, list] = {}  # slot -> [its table list, block ids tensor, entries filled]
         self.refs = [0] * sizes.num_blocks
         self.has_kv = bool(self.k)
 
@@ -145,6 +146,7 @@ class StatePool:
 
     def free(self, slot: int) -> None:
         self.release_blocks(self.block_tables.pop(slot))
+        self._mirrors.pop(slot, None)
         self.free_slots.append(slot)
 
     # ---- prefix-cache support -------------------------------------------------------------------------
@@ -188,21 +190,46 @@ class StatePool:
     def mamba(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.conv[layer], self.ssm[layer]
 
+    def _table(self, slot: int, first: int, last: int) -> torch.Tensor:
+        """Block ids first..last of slot's table as a CPU tensor. A per-slot mirror is extended as the table
+        grows: converting the whole list for every layer and step would cost O(context) per decoded token.
+        A table replaced wholesale (by a worker process) or shortened rebuilds the mirror."""
+        table = self.block_tables[slot]
+        m = self._mirrors.get(slot)
+        if m is None or m[0] is not table or m[2] > len(table):
+            m = self._mirrors[slot] = [table, torch.empty(max(16, len(table)), dtype=torch.long), 0]
+        if m[2] < len(table):
+            if len(table) > m[1].numel():  # grow by doubling: amortised O(1) per block
+                grown = torch.empty(max(len(table), 2 * m[1].numel()), dtype=torch.long)
+                grown[: m[2]] = m[1][: m[2]]
+                m[1] = grown
+            m[1][m[2]: len(table)] = torch.tensor(table[m[2]:], dtype=torch.long)
+            m[2] = len(table)
+        return m[1][first:last]
+
     def kv_write(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         end = start + k.shape[0]
-        table = torch.tensor(self.block_tables[slot][: math.ceil(end / self.block_size)], device=k.device)
+        first = start // self.block_size
+        table = self._table(slot, first, math.ceil(end / self.block_size)).to(k.device)
         pos = torch.arange(start, end, device=k.device)
-        flat = table[pos // self.block_size] * self.block_size + pos % self.block_size  # [t] rows in the flat cache
+        flat = table[pos // self.block_size - first] * self.block_size + pos % self.block_size  # [t] rows in the flat cache
         for cache, new in ((self.k[layer], k), (self.v[layer], v)):
             cache.view(-1, *cache.shape[2:])[flat] = new.to(cache.dtype)  # [blocks*block_size, Hkv, hd]
 
     def kv_read(self, layer: int, slot: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions lo..hi: a view of the cache where their blocks are consecutive (a lone long request's
+        usually are: free blocks are handed out in order), else a gathered copy."""
         first = lo // self.block_size
-        table = torch.tensor(self.block_tables[slot][first: math.ceil(hi / self.block_size)], device=self.k[layer].device)
+        ids = self._table(slot, first, math.ceil(hi / self.block_size))
         a, b = lo - first * self.block_size, hi - first * self.block_size
-        keys = self.k[layer][table].view(-1, *self.k[layer].shape[2:])[a:b]  # [hi - lo, Hkv, hd]
-        values = self.v[layer][table].view(-1, *self.v[layer].shape[2:])[a:b]
-        return keys, values
+        n = ids.numel()
+        if n and int(ids[-1]) - int(ids[0]) == n - 1 and (n == 1 or bool((ids.diff() == 1).all())):
+            s0 = int(ids[0])
+            keys, values = self.k[layer][s0: s0 + n], self.v[layer][s0: s0 + n]  # [n, block, Hkv, hd] views
+        else:
+            ids = ids.to(self.k[layer].device)
+            keys, values = self.k[layer][ids], self.v[layer][ids]  # [n, block, Hkv, hd] copies
+        return keys.reshape(-1, *keys.shape[2:])[a:b], values.reshape(-1, *values.shape[2:])[a:b]  # [hi - lo, Hkv, hd]
 
     def kv_append(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,11 +9,18 @@ from torch import nn
 from ..config import ModelConfig
 from .batch import Batch, State
 
-# Above this many attention scores per sequence and layer (t queries x context x heads) in a chunk that
-# continues earlier context, attention reads the KV in windows with an online softmax: memory stays
-# bounded by the window, whatever the context length. Below it (and always without earlier context)
-# the fused SDPA kernel is faster.
-SCORE_BUDGET = 1 << 30
+# A chunk that continues earlier context (a prefill chunk after the first, a decode step, a verification
+# step) reads the KV in windows of this many tokens: each window goes through the fused flash kernel,
+# which also returns the rows' log-sum-exp, and windows are merged by it. Memory stays bounded by one
+# window whatever the context length, and nothing of size [queries x context] is ever materialised.
+KV_WINDOW = 16384
+# Where the fused kernel is missing (not CPU), windows are attended with plain matmuls: this caps their
+# score tensors [heads, queries, window] in elements.
+SCORE_BUDGET = 1 << 24
+try:
+    _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+except (AttributeError, RuntimeError):  # an older torch without the op
+    _FLASH_CPU = None
 
 
 class Attention(nn.Module):
@@ -49,42 +56,56 @@ class Attention(nn.Module):
                 if ctx:
                     raise ValueError("a sequence with earlier context needs a state to read it from")
                 keys, values = k[lo:hi], v[lo:hi]
-            elif ctx and self.num_heads * (hi - lo) * (ctx + hi - lo) > SCORE_BUDGET and hasattr(state, "kv_read"):
+            elif ctx and hasattr(state, "kv_read"):
                 state.kv_write(self.layer_idx, batch.slots[i], ctx, k[lo:hi], v[lo:hi])
-                out[lo:hi] = self._attend_windowed(q[lo:hi], state, batch.slots[i], ctx)
+                out[lo:hi] = self._attend_blocked(q[lo:hi], k[lo:hi], v[lo:hi], state, batch.slots[i], ctx)
                 continue
             else:
                 keys, values = state.kv_append(self.layer_idx, batch.slots[i], ctx, k[lo:hi], v[lo:hi])
             out[lo:hi] = self._attend(q[None, lo:hi], keys[None], values[None], context=ctx)[0]
         return self.o_proj(out.view(n, -1))
 
-    def _attend_windowed(self, q: torch.Tensor, state: State, slot: int, context: int) -> torch.Tensor:
-        """q [t, Hq, hd] at positions context..context+t attends causally to the slot's KV, read in
-        windows; an online softmax keeps a running max, denominator and weighted sum. -> [t, Hq, hd]"""
+    def _attend_blocked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: State, slot: int,
+                        context: int) -> torch.Tensor:
+        """q, k, v [t, H, hd] of positions context..context+t (k, v already stored) attend causally to the
+        slot's KV: earlier positions in windows read from the state, the chunk's own keys causally, all
+        merged by log-sum-exp. -> [t, Hq, hd]"""
         t = q.shape[0]
         kvh, g = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        total = context + t
-        window = max(256, SCORE_BUDGET // (self.num_heads * t))
-        qh = q.view(t, kvh, g, -1).permute(1, 2, 0, 3).reshape(kvh, g * t, -1) * self.scale  # [Hkv, g*t, hd]
-        qpos = (torch.arange(t, device=q.device) + context).repeat(g)  # [g*t] position of each query row
-        m = torch.full((kvh, g * t), float("-inf"), device=q.device)
-        denom = torch.zeros(kvh, g * t, device=q.device)
-        acc = torch.zeros(kvh, g * t, qh.shape[-1], device=q.device)
-        for lo in range(0, total, window):
-            hi = min(total, lo + window)
-            kw, vw = state.kv_read(self.layer_idx, slot, lo, hi)  # [w, Hkv, hd]
-            scores = (qh @ kw.permute(1, 2, 0).to(qh.dtype)).float()  # [Hkv, g*t, w]
-            if hi > context + 1:  # some keys of this window lie after some queries
-                future = torch.arange(lo, hi, device=q.device).unsqueeze(0) > qpos.unsqueeze(1)  # [g*t, w]
-                scores.masked_fill_(future, float("-inf"))
-            m_new = torch.maximum(m, scores.amax(-1))
-            probs = torch.exp(scores - m_new.unsqueeze(-1))  # [Hkv, g*t, w]
-            rescale = torch.exp(m - m_new)
-            denom = denom * rescale + probs.sum(-1)
-            acc = acc * rescale.unsqueeze(-1) + probs @ vw.permute(1, 0, 2).float()  # [Hkv, g*t, hd]
-            m = m_new
-        out = (acc / denom.unsqueeze(-1)).view(kvh, g, t, -1)  # [Hkv, g, t, hd]
+        # the g query heads sharing a KV head side by side, so unmasked windows need no repeated KV
+        qf = q.view(t, kvh, g, -1).permute(1, 2, 0, 3).reshape(1, kvh, g * t, -1)  # [1, Hkv, g*t, hd]
+        # a single query sees every key including its own: its whole context is one unmasked range
+        past = context + 1 if t == 1 else context
+        window = KV_WINDOW if self._fused(q) else max(256, min(KV_WINDOW, SCORE_BUDGET // (self.num_heads * t)))
+        acc = lse = None
+        for lo in range(0, past, window):
+            kw, vw = state.kv_read(self.layer_idx, slot, lo, min(past, lo + window))  # [w, Hkv, hd]
+            o, l = self._window(qf, kw.permute(1, 0, 2)[None], vw.permute(1, 0, 2)[None], causal=False)
+            acc, lse = _merge(acc, lse, o, l)
+        if t > 1:  # the chunk's own keys, causally; query head h reads KV head h // g
+            kh = k.repeat_interleave(g, dim=1).transpose(0, 1)[None]  # [1, Hq, t, hd]
+            vh = v.repeat_interleave(g, dim=1).transpose(0, 1)[None]
+            o, l = self._window(q.transpose(0, 1)[None], kh, vh, causal=True)  # [1, Hq, t, hd], [1, Hq, t]
+            acc, lse = _merge(acc, lse, o.reshape(1, kvh, g * t, -1), l.reshape(1, kvh, g * t))
+        out = acc.view(kvh, g, t, -1)  # [Hkv, g, t, hd]
         return out.permute(2, 0, 1, 3).reshape(t, self.num_heads, -1).to(q.dtype)  # [t, Hq, hd]
+
+    @staticmethod
+    def _fused(x: torch.Tensor) -> bool:
+        return _FLASH_CPU is not None and x.device.type == "cpu"
+
+    def _window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [1, H, r, hd] attends to k, v [1, H, w, hd] (causal: r == w, query j sees keys 0..j).
+        -> (output [1, H, r, hd], log-sum-exp of the scaled scores [1, H, r] fp32)"""
+        if self._fused(q):
+            out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=self.scale)
+            return out, lse.float()
+        scores = (q @ k.transpose(-1, -2)).float() * self.scale  # [1, H, r, w]
+        if causal:
+            scores.masked_fill_(torch.ones_like(scores[0, 0], dtype=torch.bool).triu_(1), float("-inf"))
+        lse = torch.logsumexp(scores, -1)  # [1, H, r]
+        return torch.exp(scores - lse.unsqueeze(-1)) @ v.float(), lse
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
         """q [B, t, Hq, hd] attends causally to k, v [B, context + t, Hkv, hd]; returns [B, t, Hq, hd]."""
@@ -101,3 +122,14 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=self.scale,
                                              enable_gqa=self.num_heads != self.num_kv_heads)
         return out.transpose(1, 2)  # [B, t, Hq, hd]
+
+
+def _merge(acc: torch.Tensor | None, lse: torch.Tensor | None, out: torch.Tensor, out_lse: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine softmax-attention results over two disjoint key sets: outputs [..., r, hd] weighted by
+    each set's share exp(lse_set - lse_both) of the rows' total mass. fp32."""
+    out = out.float()
+    if acc is None:
+        return out, out_lse
+    both = torch.logaddexp(lse, out_lse)  # [..., r]
+    return (acc * torch.exp(lse - both).unsqueeze(-1) + out * torch.exp(out_lse - both).unsqueeze(-1)), both
