@@ -154,6 +154,9 @@ class LLMEngine:
             if self.prefix_cache is not None and self.prefix_cache.checkpoint_positions(
                     len(r.prompt_ids), r.num_computed - n, r.num_computed):
                 self.prefix_cache.save(r.slot, r.token_ids[: r.num_computed])
+        prefilled = [r for i, r in enumerate(reqs) if i not in drafts and r.speculate and r.mtp_hidden]
+        if prefilled:
+            speculative.catch_up_prefill(self.model, self.pool, prefilled)
         self.metrics.steps += 1
         now = time.perf_counter()
         for i, (drafted, qs) in drafts.items():
@@ -189,7 +192,7 @@ class LLMEngine:
             self.pool.conv[layer][r.slot].copy_(conv[n_acc])
             self.pool.ssm[layer][r.slot].copy_(ssm[n_acc])
         r.num_computed += 1 + n_acc  # KV beyond is stale and gets overwritten
-        r.mtp_hidden.append(hidden[lo: lo + 1 + n_acc])
+        r.mtp_hidden.append(hidden[lo: lo + 1 + n_acc].clone())  # a copy: the step's hidden states can go
         m = self.metrics
         m.spec_steps += 1
         m.spec_draft_tokens += len(drafted)

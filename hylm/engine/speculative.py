@@ -41,19 +41,40 @@ def _pick(probs: torch.Tensor, params: SamplingParams, gen: torch.Generator | No
 
 
 @torch.inference_mode()
+def catch_up(model, pool, reqs: list[Request], ends: list[int]) -> tuple[torch.Tensor, Batch]:
+    """Feed the MTP positions r.mtp_computed..end of each request (each with its target hidden state, the
+    first rows of r.mtp_hidden, and the token after it, which must be known). Rows not consumed stay in
+    r.mtp_hidden. Returns the MTP's outputs [sum of lengths, D] and their batch."""
+    lens = [e - r.mtp_computed for r, e in zip(reqs, ends)]
+    tokens = torch.tensor([t for r, e in zip(reqs, ends) for t in r.token_ids[r.mtp_computed + 1: e + 1]],
+                          device=model.lm_head.weight.device)
+    pending = [torch.cat(r.mtp_hidden) if len(r.mtp_hidden) > 1 else r.mtp_hidden[0] for r in reqs]  # [>= n, D]
+    hidden = torch.cat([p[:n] for p, n in zip(pending, lens)])  # [sum(lens), D]
+    batch = Batch(lens, [r.mtp_computed for r in reqs], [r.slot for r in reqs])
+    h = model.mtp(model.model.embeddings(tokens), hidden, batch, pool)  # [sum(lens), D]
+    for r, p, n, e in zip(reqs, pending, lens, ends):
+        r.mtp_computed = e
+        r.mtp_hidden = [p[n:].clone()] if p.shape[0] > n else []  # a copy: frees the step's hidden states
+    return h, batch
+
+
+def catch_up_prefill(model, pool, reqs: list[Request]) -> None:
+    """After a prefill chunk: feed the MTP every computed position but the last, so a request keeps one
+    position's hidden state for it, not the whole prompt's, until its first draft. The last one stays for
+    `draft`, whose first draft token comes out of it (the next step may draft: when one prompt token is
+    left, it counts as decoding)."""
+    ready = [r for r in reqs if r.num_computed - 1 > r.mtp_computed]
+    if ready:
+        catch_up(model, pool, ready, [r.num_computed - 1 for r in ready])
+
+
+@torch.inference_mode()
 def draft(model, pool, reqs: list[Request]) -> list[tuple[list[int], list[torch.Tensor]]]:
     """K_r draft tokens per request (r.spec_k) and the distributions they were drawn from."""
     embed = model.model.embeddings
     # 1. catch up: every position the MTP hasn't seen, ending at the last computed one
-    lens = [r.num_computed - r.mtp_computed for r in reqs]
-    tokens = torch.tensor([t for r in reqs for t in r.token_ids[r.mtp_computed + 1: r.num_computed + 1]],
-                          device=model.lm_head.weight.device)
-    hidden = torch.cat([h for r in reqs for h in r.mtp_hidden])  # [sum(lens), D]
-    batch = Batch(lens, [r.mtp_computed for r in reqs], [r.slot for r in reqs])
-    h = model.mtp(embed(tokens), hidden, batch, pool)  # [sum(lens), D]
+    h, batch = catch_up(model, pool, reqs, [r.num_computed for r in reqs])
     prev = h[batch.last_token_rows()]  # [R, D]
-    for r in reqs:
-        r.mtp_computed, r.mtp_hidden = r.num_computed, []
     drafts: list[tuple[list[int], list[torch.Tensor]]] = [([], []) for _ in reqs]
     active = list(range(len(reqs)))
     for step in range(max(r.spec_k for r in reqs)):
