@@ -184,6 +184,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,523,77")
+    src.add_argument("--prompt-file", help="read the prompt text from this file ('-': stdin), for prompts "
+                                           "longer than a command-line argument may be")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -197,6 +199,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-stream", action="store_true", help="print the whole result at the end")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="draft this many tokens per step with the model's MTP block (0: off)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar of prefilled prompt tokens on stderr for prompts longer than one "
+                        "prefill chunk (default: when stderr is a terminal)")
     _add_parallel(p)
     p.set_defaults(func=cmd_generate)
 
@@ -217,7 +222,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
                             ignore_eos=args.ignore_eos)
     max_len = args.max_model_len
-    prompt = args.prompt if args.prompt is not None else _parse_ids(args.prompt_ids)
+    if args.prompt_file is not None:
+        prompt = _read_prompt_file(args.prompt_file)
+    else:
+        prompt = args.prompt if args.prompt is not None else _parse_ids(args.prompt_ids)
     sizes = _parallel_sizes(args)
     if sizes is None:
         llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=1, max_model_len=max_len,
@@ -241,17 +249,58 @@ def _generate(llm, args: argparse.Namespace, prompt, params) -> int:
     if isinstance(prompt, str) and llm.tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer.json: pass --prompt-ids instead of --prompt")
     text_mode = llm.tokenizer is not None
-    if args.no_stream:
-        out = llm.generate(prompt, params)[0].outputs[0]
-        print(out.text if text_mode else " ".join(map(str, out.token_ids)))
-        print(f"[finish_reason: {out.finish_reason}]", file=sys.stderr)
-        return 0
-    for ev in llm.stream(prompt, params):
-        piece = ev.new_text if text_mode else " ".join(map(str, ev.new_token_ids)) + " "
-        print(piece or "", end="", flush=True)
-        if ev.finished:
-            print(f"\n[finish_reason: {ev.finish_reason}]", file=sys.stderr)
+    progress = _PrefillBar(llm.engine.config.max_num_batched_tokens, args.progress)
+    try:
+        if args.no_stream:
+            out = llm.generate(prompt, params, on_prefill=progress)[0].outputs[0]
+            progress.close()
+            print(out.text if text_mode else " ".join(map(str, out.token_ids)))
+            print(f"[finish_reason: {out.finish_reason}]", file=sys.stderr)
+            return 0
+        for ev in llm.stream(prompt, params, on_prefill=progress):
+            progress.close()  # the prompt is in: output follows
+            piece = ev.new_text if text_mode else " ".join(map(str, ev.new_token_ids)) + " "
+            print(piece or "", end="", flush=True)
+            if ev.finished:
+                print(f"\n[finish_reason: {ev.finish_reason}]", file=sys.stderr)
+    finally:
+        progress.close()
     return 0
+
+
+def _read_prompt_file(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"--prompt-file: cannot read {path}: {e}") from None
+
+
+class _PrefillBar:
+    """on_prefill hook for `LLM.stream`: a tqdm bar of prefilled prompt tokens, opened at the first report
+    for a prompt longer than one prefill chunk (a shorter one is done in one step: nothing to watch)."""
+
+    def __init__(self, chunk: int, enabled: bool | None):
+        self.chunk, self.enabled, self.bar = chunk, enabled, None
+
+    def __call__(self, prompt_index: int, done: int, total: int) -> None:
+        if self.enabled is False or total <= self.chunk:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            # disable=None: tqdm shows the bar only on a terminal; --progress forces it
+            self.bar = tqdm(total=total, desc="prefill", unit="tok", unit_scale=True, file=sys.stderr,
+                            disable=None if self.enabled is None else False, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.enabled = False  # one prompt: once its output starts, no bar is opened again
 
 
 def bundled_model_or(model: str | None, command: str) -> str:

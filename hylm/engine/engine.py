@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -71,7 +72,10 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, on_prefill: Callable[[int, int], None] | None = None) -> str:
+        """Queue a request. on_prefill(done, total) is called after every step that computed some of its
+        prompt, with the prompt tokens in the state so far (prefix-cache hits included; a preempted
+        request starts again from 0) and the prompt length; the last call has done == total."""
         params = params or SamplingParams()
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -96,6 +100,7 @@ class LLMEngine:
         req = Request(request_id, list(prompt_ids), params, next(self._arrivals),
                       generator=torch.Generator().manual_seed(seed), max_tokens=max_tokens)
         req.speculate = bool(self.spec_k) and speculative.eligible(params)
+        req.on_prefill = on_prefill
         tb = params.thinking_budget
         if tb is not None and tb.budget == 0:
             req.forced_tokens = list(tb.end_ids)
@@ -143,10 +148,13 @@ class LLMEngine:
         hidden = self.model.hidden_states(torch.tensor(ids, device=self.device), batch, self.pool)  # [N, D]
         sampling = [i for i, (r, n) in enumerate(zip(reqs, counts))
                     if i not in drafts and r.num_computed + n == len(r.token_ids)]
+        progress = []
         for i, (r, n) in enumerate(zip(reqs, counts)):
             if i in drafts:
                 continue
             r.num_computed += n
+            if r.on_prefill is not None and r.num_computed - n < len(r.prompt_ids):
+                progress.append(r)
             if r.speculate:  # the MTP reads these positions' hidden states at the next draft
                 r.mtp_hidden.append(hidden[batch.offsets[i]: batch.offsets[i + 1]])
             if r.pending > 0 or r.num_output == 0:
@@ -158,6 +166,8 @@ class LLMEngine:
         if prefilled:
             speculative.catch_up_prefill(self.model, self.pool, prefilled)
         self.metrics.steps += 1
+        for r in progress:  # after the state is consistent: a callback may raise
+            r.on_prefill(min(r.num_computed, len(r.prompt_ids)), len(r.prompt_ids))
         now = time.perf_counter()
         for i, (drafted, qs) in drafts.items():
             outputs.append(self._verify(reqs[i], i, batch, hidden, drafted, qs, now))

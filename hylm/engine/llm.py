@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -99,7 +100,7 @@ class LLM:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def _submit(self, prompts, params) -> list[tuple[int, int, str, SamplingParams]]:
+    def _submit(self, prompts, params, on_prefill=None) -> list[tuple[int, int, str, SamplingParams]]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
@@ -112,7 +113,8 @@ class LLM:
                 for k in range(p.n):
                     # samples of one prompt draw from different seeds, derived from the request's seed
                     pk = p if p.seed is None or k == 0 else dataclasses.replace(p, seed=p.seed + k)
-                    subs.append((i, k, self.engine.add_request(ids, pk), pk))
+                    hook = None if on_prefill is None else functools.partial(on_prefill, i)
+                    subs.append((i, k, self.engine.add_request(ids, pk, on_prefill=hook), pk))
         except Exception:
             for _, _, rid, _ in subs:
                 self.engine.abort(rid)
@@ -120,9 +122,12 @@ class LLM:
         return subs
 
     def stream(self, prompts: str | list[int] | list[str] | list[list[int]],
-               params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[StreamEvent]:
-        """Yield output as it is generated; closing the iterator aborts what is still running."""
-        subs = self._submit(prompts, params)
+               params: SamplingParams | list[SamplingParams] | None = None,
+               on_prefill: Callable[[int, int, int], None] | None = None) -> Iterator[StreamEvent]:
+        """Yield output as it is generated; closing the iterator aborts what is still running.
+        on_prefill(prompt index, prompt tokens done, prompt length) reports prefill progress (see
+        `LLMEngine.add_request`)."""
+        subs = self._submit(prompts, params, on_prefill)
         by_id = {rid: (i, k, _TextTracker(self.tokenizer, p)) for i, k, rid, p in subs}
         live = set(by_id)
         try:
@@ -148,13 +153,13 @@ class LLM:
                           out.new_logprobs, out.new_top_logprobs)
 
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False
-                 ) -> list[Completion]:
+                 params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False,
+                 on_prefill: Callable[[int, int, int], None] | None = None) -> list[Completion]:
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
         prompt_list = [prompts] if single else list(prompts)
         results: dict[tuple[int, int], CompletionOutput] = {}
         texts: dict[tuple[int, int], list[str]] = {}
-        events = self.stream(prompt_list, params)
+        events = self.stream(prompt_list, params, on_prefill)
         bar = tqdm(total=None, disable=not use_tqdm, desc="generating", unit="tok")
         for ev in events:
             key = (ev.prompt_index, ev.index)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -48,6 +49,7 @@ class Request:
     spec_k: int = 0  # draft tokens planned for this step (0: plain decode)
     mtp_computed: int = 0  # positions whose MTP KV is valid
     mtp_hidden: list = field(default_factory=list)  # target hidden states of positions not yet fed to the MTP
+    on_prefill: Callable[[int, int], None] | None = None  # prefill progress: (prompt tokens done, prompt length)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
