@@ -4,7 +4,8 @@ A KV cache can be cut at any token, a Mamba state cannot: it exists only at the 
 saved. The cache therefore holds *checkpoints*: at a position p of some token sequence, copies of every
 Mamba layer's conv and SSM state plus references on the KV blocks of the first p tokens. Checkpoints
 are taken at the end of every prompt, at the end of every finished generation (the next chat turn
-starts with the whole previous conversation), and every `interval` tokens of long prompts.
+starts with the whole previous conversation), and within long prompts: every `interval` tokens at
+first, then sparser as the prompt goes on (see `spacing`).
 
 A new request resumes from the longest checkpoint whose tokens are a prefix of its prompt (leaving at
 least one prompt token to compute, for the first logits). Lookup walks the prompt's chained block
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .state_pool import StatePool
+
+DENSE_CHECKPOINTS = 16
 
 
 def _chain(prev: bytes, tokens: list[int]) -> bytes:
@@ -82,9 +85,20 @@ class PrefixCache:
                                                                    self.block_size)[-1]
         return h, tuple(tokens[full * self.block_size:])
 
+    def spacing(self, pos: int) -> int:
+        """Checkpoint spacing at position pos: `interval` over the first DENSE_CHECKPOINTS intervals of a
+        prompt, then doubling with the position (DENSE_CHECKPOINTS / 2 per doubling). Each checkpoint
+        costs O(pos) (its key hashes and token copy), so a long prompt gets O(log T) of them, not T /
+        interval: O(T) work in all instead of O(T^2)."""
+        step, reach = self.interval, self.interval * DENSE_CHECKPOINTS
+        while pos > reach:
+            step, reach = 2 * step, 2 * reach
+        return step
+
     def checkpoint_positions(self, prompt_len: int, start: int, end: int) -> list[int]:
         """Where to save state between computed positions start (exclusive) and end (inclusive)."""
-        marks = list(range((start // self.interval + 1) * self.interval, min(end, prompt_len) + 1, self.interval))
+        marks = [m for m in range((start // self.interval + 1) * self.interval, min(end, prompt_len) + 1, self.interval)
+                 if m % self.spacing(m) == 0]
         if start < prompt_len <= end:
             marks.append(prompt_len)
         return sorted(set(marks))
