@@ -76,7 +76,7 @@ class Attention(nn.Module):
         qf = q.view(t, kvh, g, -1).permute(1, 2, 0, 3).reshape(1, kvh, g * t, -1)  # [1, Hkv, g*t, hd]
         # a single query sees every key including its own: its whole context is one unmasked range
         past = context + 1 if t == 1 else context
-        window = KV_WINDOW if self._fused(q) else max(256, min(KV_WINDOW, SCORE_BUDGET // (self.num_heads * t)))
+        window = KV_WINDOW if self._fused(q) else min(KV_WINDOW, max(256, SCORE_BUDGET // (self.num_heads * t)))
         acc = lse = None
         for lo in range(0, past, window):
             kw, vw = state.kv_read(self.layer_idx, slot, lo, min(past, lo + window))  # [w, Hkv, hd]
