@@ -1,4 +1,4 @@
-"""`load_model`: a checkpoint directory or a preset name -> a ready NemotronHModel."""
+"""`load_model`: a checkpoint directory, a GGUF file or a preset name -> a ready NemotronHModel."""
 
 from __future__ import annotations
 
@@ -28,7 +28,14 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_config(path_or_preset: str | os.PathLike) -> ModelConfig:
+    from .weights.gguf_loader import find_gguf, read_gguf_config
+
     path = Path(path_or_preset)
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:  # a .gguf file, or a directory holding one (and its tokenizer) instead of safetensors
+        config = read_gguf_config(gguf_file)
+        _merge_generation_eos(config, gguf_file.parent / "generation_config.json")
+        return config
     if path.is_dir():
         cfg_file = path / "config.json"
         if not cfg_file.exists():
@@ -61,7 +68,8 @@ def _merge_generation_eos(config: ModelConfig, path: Path) -> None:
 
 def load_model(path_or_preset: str | os.PathLike | ModelConfig, dtype: str | torch.dtype = torch.float32,
                device: str | torch.device = "cpu", seed: int = 0) -> NemotronHModel:
-    """Load a checkpoint directory (HF safetensors) or build a preset/config with random weights.
+    """Load a checkpoint directory (HF safetensors), a GGUF file (or a directory holding one), or build a
+    preset/config with random weights.
 
     The model is built on the meta device, so no memory is spent before the weights arrive.
     """
@@ -69,7 +77,12 @@ def load_model(path_or_preset: str | os.PathLike | ModelConfig, dtype: str | tor
     config = path_or_preset if isinstance(path_or_preset, ModelConfig) else load_config(path_or_preset)
     with torch.device("meta"):
         model = NemotronHModel(config)
-    if isinstance(path_or_preset, ModelConfig) or not Path(path_or_preset).is_dir():
+    from .weights.gguf_loader import find_gguf, load_gguf_checkpoint
+
+    gguf_file = None if isinstance(path_or_preset, ModelConfig) else find_gguf(path_or_preset)
+    if gguf_file is not None:
+        load_gguf_checkpoint(model, gguf_file, dtype=dtype, device=device)
+    elif isinstance(path_or_preset, ModelConfig) or not Path(path_or_preset).is_dir():
         model = model.to_empty(device=device)
         init_weights(model, config, seed=seed)
         model = model.to(dtype)
