@@ -26,9 +26,14 @@ class CLIError(Exception):
 # ---- helpers shared by subcommands --------------------------------------------------------------------
 
 def resolve_config(model: str):
-    """A preset name, a model directory holding config.json, or a config.json file -> ModelConfig."""
+    """A preset name, a model directory holding config.json, a config.json file, or a GGUF file (or a
+    directory holding one instead of safetensors) -> ModelConfig."""
     from .config import PRESETS, ConfigError, ModelConfig, preset
+    from .weights.gguf_loader import find_gguf, read_gguf_config
 
+    gguf_file = find_gguf(model)
+    if gguf_file is not None:
+        return read_gguf_config(gguf_file)
     path = None
     if os.path.isdir(model):
         path = os.path.join(model, "config.json")
@@ -228,8 +233,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = args.prompt if args.prompt is not None else _parse_ids(args.prompt_ids)
     sizes = _parallel_sizes(args)
     if sizes is None:
-        llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=1, max_model_len=max_len,
-                  speculative_tokens=args.speculative_tokens)
+        llm = LLM(args.model, tokenizer=_gguf_tokenizer(args.model), dtype=args.dtype, device=args.device,
+                  max_num_seqs=1, max_model_len=max_len, speculative_tokens=args.speculative_tokens)
         return _generate(llm, args, prompt, params)
     from .chat.tokenizer import Tokenizer
     from .parallel import launch
@@ -245,9 +250,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model.close()
 
 
+def _gguf_tokenizer(model: str):
+    """The BPE vocabulary a .gguf file carries, as a Tokenizer (None for anything else: a model directory's
+    tokenizer.json is found by the engine itself)."""
+    if not (os.path.isfile(model) and model.lower().endswith(".gguf")):
+        return None
+    from .weights.gguf_tokenizer import tokenizer_from_gguf
+
+    return tokenizer_from_gguf(model)
+
+
 def _generate(llm, args: argparse.Namespace, prompt, params) -> int:
     if isinstance(prompt, str) and llm.tokenizer is None:
-        raise CLIError(f"{args.model} has no tokenizer.json: pass --prompt-ids instead of --prompt")
+        raise CLIError(f"{args.model} has no tokenizer (tokenizer.json, or a GGUF BPE vocabulary): pass --prompt-ids "
+                       "instead of --prompt")
     text_mode = llm.tokenizer is not None
     progress = _PrefillBar(llm.engine.config.max_num_batched_tokens, args.progress)
     try:
@@ -615,10 +631,67 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- hylm export-gguf ------------------------------------------------------------------------------------
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
+
+
+def _add_export_gguf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-gguf", help="write a model as a GGUF file for llama.cpp (nemotron_h_moe / nemotron_h)",
+                       description="Convert a checkpoint directory (hylm, Hugging Face or ModelOpt layout) or a GGUF "
+                                   "file into a GGUF file laid out as llama.cpp's converter writes Nemotron-H: its "
+                                   "hyper-parameters, tensor names and shapes, and the tokenizer (tokenizer.ggml.* BPE "
+                                   "vocabulary, merges, special ids and chat template from the directory's "
+                                   "tokenizer.json / tokenizer_config.json). Norms, ssm_a/ssm_d, conv weights, biases "
+                                   "and the router stay f32 whatever --type; rows that do not fit a block type fall "
+                                   "back to f16 (q8_0, q4_0) or q8_0 (k-quants). The MTP block is not exported.")
+    p.add_argument("model", metavar="MODEL", help="a checkpoint directory (or a .gguf file)")
+    p.add_argument("out", metavar="OUT.gguf")
+    p.add_argument("--type", default="f16", metavar="TYPE",
+                   help=f"storage type of the weight matrices: {', '.join(GGUF_TYPES)} (default f16)")
+    p.add_argument("--tokenizer-pre", default=None, metavar="NAME",
+                   help="llama.cpp pre-tokenizer name to write (default: recognised from tokenizer.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export_gguf)
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    qtype = args.type.lower()
+    if qtype not in GGUF_TYPES:
+        raise CLIError(f"--type: unknown GGUF type {args.type!r} (use one of {', '.join(GGUF_TYPES)})")
+    if not os.path.exists(args.model):
+        raise CLIError(f"{args.model}: no such model directory or file")
+    resolve_config(args.model)  # a clear error for a bad model before anything loads
+    if os.path.isdir(args.out):
+        raise CLIError(f"{args.out}: is a directory (give the path of the .gguf file to write)")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise CLIError(f"{args.out} already exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        raise CLIError(f"{parent}: no such directory")
+    if os.path.isfile(args.model) and os.path.realpath(args.model) == os.path.realpath(args.out):
+        raise CLIError("OUT.gguf must differ from the model file")
+    from .weights.gguf_export import export_gguf
+
+    summary = export_gguf(args.model, args.out, qtype, tokenizer_pre=args.tokenizer_pre,
+                          progress=not args.no_progress)
+    for warning in summary["warnings"]:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(summary["tensors"].items()))
+    tok = summary["tokenizer"]
+    tok_text = (f"tokenizer {tok['model']} (pre {tok['pre']}, {tok['tokens']} tokens, {tok['merges']} merges)"
+                if tok["model"] != "none" else "no tokenizer (token ids only)")
+    print(f"wrote {args.out}: {summary['architecture']}, {sum(summary['tensors'].values())} tensors ({types}), "
+          f"{_bytes(summary['bytes'])}; {tok_text}")
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------------------
 
 # Each entry adds one subcommand; a new subcommand is one `_add_<name>` + `cmd_<name>` pair listed here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_generate, _add_chat, _add_serve, _add_train, _add_eval_tasks, _add_niah, _add_quantize]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_generate, _add_chat, _add_serve, _add_train, _add_eval_tasks, _add_niah, _add_quantize,
+                                                                    _add_export_gguf]
 
 
 def build_parser() -> argparse.ArgumentParser:
