@@ -518,6 +518,28 @@ def test_export_k_quants_where_rows_fit(tmp_path):
         assert _rel(hylm.load_model(out)(ids), ref(ids)) < 1e-5
 
 
+def test_hylm_trained_tokenizer_round_trips_with_the_refact_pre_tokenizer(tmp_path):
+    """hylm's own tokenizers split digits one by one before the GPT-2 regex: llama.cpp's "refact"."""
+    from chat_fixtures import CORPUS
+
+    from hylm.chat.tokenizer import Tokenizer
+    from hylm.train.tokenizer import train_tokenizer
+    from hylm.weights.gguf_export import write_gguf
+    from hylm.weights.gguf_tokenizer import tokenizer_from_gguf
+
+    train_tokenizer(CORPUS, 400, tmp_path, min_frequency=1)
+    original = Tokenizer.from_dir(tmp_path)
+    model = tiny_model(7, MOE_CFG.replace(vocab_size=original.vocab_size + 5))  # padded rows
+    summary = write_gguf(model, tmp_path / "m.gguf", "f32", tokenizer_dir=tmp_path)
+    assert summary["tokenizer"]["pre"] == "refact" and not summary["warnings"]
+    tokens = gguf.GGUFReader(str(tmp_path / "m.gguf")).get_field("tokenizer.ggml.tokens").contents()
+    assert len(tokens) == original.vocab_size + 5 and tokens[-1] == f"[PAD{original.vocab_size + 4}]"
+    rebuilt = tokenizer_from_gguf(tmp_path / "m.gguf")
+    for text in ("Total: 1234567 + 89 = 1234656", "<|im_start|>assistant\n<think>x</think>42<|im_end|>", "café 😀"):
+        assert rebuilt.encode(text) == original.encode(text), text
+    assert rebuilt.special_ids == original.special_ids and not rebuilt.is_special(12)  # <think> is markup
+
+
 def test_tied_embeddings_are_written_once_and_tied_again(tmp_path):
     from hylm.weights.gguf_export import write_gguf
 

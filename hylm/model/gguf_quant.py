@@ -62,7 +62,9 @@ def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     yt = torch.empty(out_f, xt.shape[1], dtype=torch.float32, device=x.device)  # y transposed: row tiles
     rows = tile_rows(in_f)
     for r in range(0, out_f, rows):
-        torch.mm(dequantize_q8_0(qweight[r: r + rows], scales[r: r + rows]), xt, out=yt[r: r + rows])
+        tile = qweight[r: r + rows].to(torch.float32)  # scaled in place: one temporary per tile
+        tile.view(tile.shape[0], -1, Q8_0_BLOCK).mul_(scales[r: r + rows].to(torch.float32).unsqueeze(-1))
+        torch.mm(tile, xt, out=yt[r: r + rows])
     y = yt.view(1, -1) if yt.shape[1] == 1 else yt.t()
     if bias is not None:
         y = y + bias.float()
