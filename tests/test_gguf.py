@@ -254,6 +254,17 @@ def test_k_quant_reference_file_matches_the_dequantized_weights(tmp_path, qtype)
         assert _rel(loaded(ids), ref(ids)) < 1e-5
 
 
+def test_loading_in_slabs_gives_the_same_weights(tmp_path, moe_model, monkeypatch):
+    """Large tensors (expert stacks) are dequantised a slab of rows at a time; tiny slabs change nothing."""
+    import hylm.weights.gguf_loader as loader
+
+    write_reference_gguf(moe_model, tmp_path / "m.gguf", QT.Q4_0)
+    whole = hylm.load_model(tmp_path / "m.gguf").state_dict()
+    monkeypatch.setattr(loader, "_SLAB_ELEMENTS", 100)
+    sliced = hylm.load_model(tmp_path / "m.gguf").state_dict()
+    assert all(torch.equal(whole[k], sliced[k]) for k in whole)
+
+
 def test_bf16_load_dtype(tmp_path, moe_model):
     write_reference_gguf(moe_model, tmp_path / "m.gguf", QT.Q8_0)
     loaded = hylm.load_model(tmp_path / "m.gguf", dtype="bf16")

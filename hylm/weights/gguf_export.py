@@ -168,8 +168,14 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, qtype: st
     """Load a model (an hylm / HF / ModelOpt checkpoint directory, or a GGUF file) and write it to `out`."""
     from ..loader import load_model
 
+    from ..loader import load_config
+
     qtype = parse_type(qtype)
-    model = load_model(model_path, dtype=torch.float32)
+    # a bf16 / fp16 checkpoint loads in its own dtype (half the memory of fp32, nothing lost): each tensor
+    # is widened to fp32 only while it is converted
+    stored = str(load_config(model_path).extra.get("torch_dtype", "float32"))
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(stored, torch.float32)
+    model = load_model(model_path, dtype=dtype)
     source = Path(model_path)
     tokenizer_dir = source if source.is_dir() else source.parent
     return write_gguf(model, out, qtype, tokenizer_dir=tokenizer_dir, tokenizer_pre=tokenizer_pre,

@@ -31,13 +31,14 @@ from ..config import ATTENTION, MAMBA, MLP, MOE, ConfigError, ModelConfig
 from ..model.gguf_quant import Q8_0_BLOCK, Q8_0Experts, Q8_0Linear, q8_0_split_blocks
 from ..model.moe import Experts
 from .errors import CheckpointError, tensor_problems
-from .gguf_layout import ARCHES, TensorSpec, from_gguf, gguf_shape, kinds_from_arrays, layout
+from .gguf_layout import ARCHES, PLAIN, TensorSpec, from_gguf, gguf_shape, kinds_from_arrays, layout
 from .gguf_quants import dequantize
 from .hf_safetensors import _set
 
 QT = gguf.GGMLQuantizationType
 K = gguf.Keys
 _REQUIRED = object()
+_SLAB_ELEMENTS = 1 << 24  # fp32 elements dequantised at once while loading (64 MiB)
 
 
 def find_gguf(path: str | os.PathLike) -> Path | None:
@@ -98,6 +99,21 @@ class GGUFFile:
         """A tensor dequantised to fp32, row-major."""
         t = self.tensors[name]
         return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(self.shape(name))
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Dequantise a tensor into `out` (its row-major shape, any dtype and device) a slab of the leading
+        dimension at a time, so that a stack of experts never exists whole in fp32."""
+        t = self.tensors[name]
+        lead = out.shape[0] if out.ndim > 1 else 1
+        per_row = max(1, out.numel() // max(lead, 1))
+        step = max(1, _SLAB_ELEMENTS // per_row)
+        data = t.data.reshape(lead, -1) if out.ndim > 1 else t.data.reshape(1, -1)
+        flat = out.view(lead, -1)
+        for lo in range(0, lead, step):
+            slab = np.asarray(dequantize(np.ascontiguousarray(data[lo: lo + step]), t.tensor_type), dtype=np.float32)
+            if not slab.flags.writeable:  # F32 data is a view of the read-only file mapping
+                slab = slab.copy()
+            flat[lo: lo + step].copy_(torch.from_numpy(slab.reshape(-1, per_row)))
 
 
 def _f32(value: Any) -> float:
@@ -308,12 +324,18 @@ def load_gguf_checkpoint(model: nn.Module, path: str | os.PathLike, dtype: torch
                 getattr(module, f"{attr}_qweight").copy_(q)
                 getattr(module, f"{attr}_scales").copy_(s)
             continue
-        try:
-            value = from_gguf(spec, torch.from_numpy(file.read(source).copy()), shapes[param])
-        except ValueError as e:
-            raise CheckpointError(f"GGUF file {file.path}: {e}") from None
         keep_fp32 = param.endswith("e_score_correction_bias")  # routing stays exact in any dtype
-        _set(model, param, value.to(device=device, dtype=torch.float32 if keep_fp32 else dtype))
+        target = torch.float32 if keep_fp32 else dtype
+        if spec.transform == PLAIN:  # straight into the parameter, slab by slab
+            value = torch.empty(shapes[param], dtype=target, device=device)
+            file.read_into(source, value)
+        else:  # small reshaped Mamba tensors
+            try:
+                value = from_gguf(spec, torch.from_numpy(file.read(source).copy()), shapes[param])
+            except ValueError as e:
+                raise CheckpointError(f"GGUF file {file.path}: {e}") from None
+            value = value.to(device=device, dtype=target)
+        _set(model, param, value)
     del file
 
 
