@@ -333,7 +333,7 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,super", help="comma-separated: tiny, super (default both)")
     ap.add_argument("--lengths", default=None, help="prefill lengths, e.g. 4K,16K,1M (default 4K,16K,64K,256K)")
     ap.add_argument("--decode-lengths", default=None, help="decode contexts (default 1K,32K,128K,512K,1M)")
-    ap.add_argument("--quick", action="store_true", help="prefill 4K,8K,16K; decode 1K,4K,16K; 8 decode tokens")
+    ap.add_argument("--quick", action="store_true", help="prefill 4K,8K,16K; decode 1K,4K,16K; 12 decode tokens")
     ap.add_argument("--full", action="store_true", help="add 1M to the prefill lengths (hours)")
     ap.add_argument("--chunk", type=int, default=1024, help="prefill tokens per engine step (max_num_batched_tokens)")
     ap.add_argument("--new-tokens", type=int, default=24, help="decode tokens timed per context")
@@ -359,7 +359,7 @@ def main() -> None:
         lengths.append(1 << 20)
     decode_lengths = [parse_tokens(x) for x in
                       (args.decode_lengths or ("1K,4K,16K" if args.quick else "1K,32K,128K,512K,1M")).split(",")]
-    new_tokens = 8 if args.quick and args.new_tokens == 24 else args.new_tokens
+    new_tokens = 12 if args.quick and args.new_tokens == 24 else args.new_tokens
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         if m not in ("tiny", "super"):
@@ -448,7 +448,7 @@ def main() -> None:
                 print(f"  {name} decode @{label:>5}: {ms:8.2f} ms/token (mean {r['ms_per_token_mean']:.2f})  "
                       f"slowdown {slow:6.2f}x  roofline {roof_ms:8.3f} ms ({pslow:6.2f}x)", flush=True)
             print(f"\n### {name}: decode, one sequence (median of {new_tokens} steps after 2 warm-up steps; slowdowns "
-                  f"against {fmt_tokens(base[0])})\n")
+                  f"against {fmt_tokens(base[0])}; context {'synthesized: random KV and Mamba states of the exact sizes' if args.decode_state == 'synthetic' else 'prefilled'})\n")
             print("| context | ms/token | slowdown | roofline ms/token | roofline slowdown | slowdown vs roofline's "
                   "| of roofline | peak RSS (MiB) |")
             print("|---:|---:|---:|---:|---:|---:|---:|---:|")

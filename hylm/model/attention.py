@@ -87,7 +87,7 @@ class Attention(nn.Module):
             vh = v.repeat_interleave(g, dim=1).transpose(0, 1)[None]
             o, l = self._window(q.transpose(0, 1)[None], kh, vh, causal=True)  # [1, Hq, t, hd], [1, Hq, t]
             acc, lse = _merge(acc, lse, o.reshape(1, kvh, g * t, -1), l.reshape(1, kvh, g * t))
-        out = acc.view(kvh, g, t, -1)  # [Hkv, g, t, hd]
+        out = acc.reshape(kvh, g, t, -1)  # [Hkv, g, t, hd]
         return out.permute(2, 0, 1, 3).reshape(t, self.num_heads, -1).to(q.dtype)  # [t, Hq, hd]
 
     @staticmethod
