@@ -99,8 +99,10 @@ class Attention(nn.Module):
         """q [1, H, r, hd] attends to k, v [1, H, w, hd] (causal: r == w, query j sees keys 0..j).
         -> (output [1, H, r, hd], log-sum-exp of the scaled scores [1, H, r] fp32)"""
         if self._fused(q):
-            out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=self.scale)
-            return out, lse.float()
+            # fp32 in: the kernel's output comes back in its input dtype, and each window's output would
+            # otherwise be rounded to bf16/fp16 before the merge (a window's fp32 copy is bounded anyway)
+            out, lse = _FLASH_CPU(q.float(), k.float(), v.float(), 0.0, causal, scale=self.scale)
+            return out, lse
         scores = (q @ k.transpose(-1, -2)).float() * self.scale  # [1, H, r, w]
         if causal:
             scores.masked_fill_(torch.ones_like(scores[0, 0], dtype=torch.bool).triu_(1), float("-inf"))
