@@ -34,7 +34,7 @@ def test_generate_matches_offline_api(ckpt):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--prompt", "hi"], "has no tokenizer.json"),
+    (["--prompt", "hi"], "has no tokenizer (tokenizer.json"),
     (["--prompt-ids", "5,x"], "--prompt-ids: expected comma-separated integers"),
     (["--prompt-ids", "5", "--max-tokens", "9000", "--max-model-len", "64"], "exceeds the maximum model length of 64"),
     (["--prompt-ids", "5", "--top-p", "3"], "top_p"),
