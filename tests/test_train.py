@@ -252,7 +252,8 @@ def test_init_from_checkpoint_starts_a_new_run(tok_dir, tmp_path):
     first.close()
     again = Trainer(small_cfg(tok_dir, tmp_path / "cont", steps=1, init_from=str(tmp_path / "base"),
                               tokenizer=None))
-    assert again.step == 0 and again.tokenizer_dir == tmp_path / "base"
+    assert again.step == 0 and again.tokenizer_dir == tmp_path / "cont"  # the run keeps its own copy
+    assert (tmp_path / "cont" / "tokenizer.json").read_bytes() == (tmp_path / "base" / "tokenizer.json").read_bytes()
     w0 = hylm.load_model(tmp_path / "base").state_dict()
     for k, v in again.model.state_dict().items():
         assert torch.equal(v, w0[k]), k
@@ -306,3 +307,18 @@ def test_loss_curve_png_or_notice(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "_PLOT_NOTICE_SHOWN", False)
     assert trainer_mod.plot_loss_curve(history, tmp_path / "none.png", log=notices.append) is None
     assert len(notices) == 1 and "matplotlib" in notices[0] and not (tmp_path / "none.png").exists()
+
+
+def test_resumed_run_keeps_writing_the_tokenizer_after_its_checkpoint_is_rotated_away(tok_dir, tmp_path):
+    first = Trainer(small_cfg(tok_dir, tmp_path / "r", steps=2, save_interval=2, keep_checkpoints=1))
+    first.run()
+    first.close()
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the run dir only has the checkpoint's copy
+        (tmp_path / "r" / name).unlink(missing_ok=True)
+    resumed = Trainer(small_cfg(tok_dir, tmp_path / "r", steps=6, save_interval=2, keep_checkpoints=1,
+                                tokenizer=None, resume=True))
+    resumed.run()
+    resumed.close()
+    ckpts = sorted((tmp_path / "r" / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == ["step_0000006"]
+    assert (ckpts[0] / "tokenizer.json").is_file() and (tmp_path / "r" / "tokenizer.json").is_file()

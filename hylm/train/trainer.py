@@ -337,10 +337,14 @@ class Trainer:
         return resolve_model_config(self.cfg.model)
 
     def _tokenizer_dir(self, resume_dir: Path | None) -> Path:
+        from .tokenizer import copy_tokenizer_files
+
         cfg = self.cfg
         for cand in (cfg.tokenizer, resume_dir, cfg.init_from, self.out):
             if cand is not None and (Path(cand) / "tokenizer.json").is_file():
-                return Path(cand)
+                # the run directory keeps its own copy: a resumed-from checkpoint is rotated away later
+                copy_tokenizer_files(cand, self.out)
+                return self.out
         if cfg.tokenizer is not None:
             raise FileNotFoundError(f"{cfg.tokenizer}: no tokenizer.json")
         from .tokenizer import train_curriculum_tokenizer
