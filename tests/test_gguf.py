@@ -619,7 +619,9 @@ def test_llama_cpp_runs_the_exported_model_with_hylm_logits(tmp_path, checkpoint
     out = tmp_path / "m.gguf"
     assert _cli("export-gguf", str(src), str(out), "--type", "f32", "--no-progress")[0] == 0
     ids = _ids(model.config.vocab_size, seed=7)[0].tolist()
-    kwargs = dict(model_path=str(out), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+    # f32 KV cache: llama.cpp defaults to f16, which alone costs ~1e-4 relative
+    kwargs = dict(model_path=str(out), n_ctx=64, logits_all=True, n_threads=2, verbose=False,
+                  type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     try:
         llm = llama_cpp.Llama(**kwargs, flash_attn=False)
     except TypeError:  # versions without the flash_attn switch

@@ -64,6 +64,7 @@ def add_hparams(writer: gguf.GGUFWriter, config: Any) -> None:
     writer.add_value_length(c.head_dim)
     writer.add_rope_dimension_count(c.head_dim)  # unused (no positional encoding) but read by llama.cpp
     writer.add_layer_norm_rms_eps(c.layer_norm_epsilon)
+    writer.add_layer_norm_eps(c.layer_norm_epsilon)  # llama.cpp's nemotron_h_moe loader reads this key too
     # llama.cpp reads the ssm keys unconditionally for these architectures
     writer.add_ssm_conv_kernel(c.conv_kernel)
     writer.add_ssm_inner_size(c.mamba_d_inner)
