@@ -66,11 +66,6 @@ def _merge_generation_eos(config: ModelConfig, path: Path) -> None:
         config.eos_token_id = merged if len(merged) > 1 else merged[0]
 
 
-# The packed Q8_0 compute path gives wrong outputs when several sequences decode together (batch 1 is right;
-# found by benchmarks/bench_quantization.py): Q8_0 weights are dequantised after loading until it is fixed.
-KEEP_Q8_0_PACKED = False
-
-
 def load_model(path_or_preset: str | os.PathLike | ModelConfig, dtype: str | torch.dtype = torch.float32,
                device: str | torch.device = "cpu", seed: int = 0) -> NemotronHModel:
     """Load a checkpoint directory (HF safetensors), a GGUF file (or a directory holding one), or build a
@@ -87,10 +82,6 @@ def load_model(path_or_preset: str | os.PathLike | ModelConfig, dtype: str | tor
     gguf_file = None if isinstance(path_or_preset, ModelConfig) else find_gguf(path_or_preset)
     if gguf_file is not None:
         load_gguf_checkpoint(model, gguf_file, dtype=dtype, device=device)
-        if not KEEP_Q8_0_PACKED:
-            from .model.gguf_quant import dequantize_q8_0_modules
-
-            model = dequantize_q8_0_modules(model, dtype)
     elif isinstance(path_or_preset, ModelConfig) or not Path(path_or_preset).is_dir():
         model = model.to_empty(device=device)
         init_weights(model, config, seed=seed)

@@ -224,10 +224,7 @@ def test_f32_reference_file_loads_with_the_source_logits(tmp_path, cfg):
 
 
 @pytest.mark.parametrize("qtype", [QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0])
-def test_quantized_reference_file_matches_the_dequantized_weights(tmp_path, moe_model, qtype, monkeypatch):
-    import hylm.loader
-
-    monkeypatch.setattr(hylm.loader, "KEEP_Q8_0_PACKED", True)  # the packed path itself, at one sequence
+def test_quantized_reference_file_matches_the_dequantized_weights(tmp_path, moe_model, qtype):
     stored = write_reference_gguf(moe_model, tmp_path / "m.gguf", qtype)
     loaded = hylm.load_model(tmp_path / "m.gguf")
     ref = reference_model(moe_model, stored)
@@ -634,3 +631,30 @@ def test_llama_cpp_runs_the_exported_model_with_hylm_logits(tmp_path, checkpoint
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0]
     assert _rel(theirs, ours) < 1e-5
+
+
+def test_packed_q8_0_model_decodes_the_same_alone_and_batched(tmp_path):
+    """Regression: q8_0_linear once returned a transposed (non-row-contiguous) [N, out] view for N > 1, which
+    the model mishandled when several sequences decoded together (batch 1 was right)."""
+    import json
+
+    from hylm.engine.llm import LLM
+    from hylm.engine.sampling_params import SamplingParams
+    from hylm.model.gguf_quant import Q8_0Linear, q8_0_linear
+
+    q = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+    s = torch.rand(8, 2).half()
+    y = q8_0_linear(torch.randn(3, 64), q, s)
+    assert y.is_contiguous()
+    model_dir = Path(__file__).resolve().parents[1] / "models" / "hylm-tiny"
+    out = tmp_path / "q8.gguf"
+    assert _cli("export-gguf", str(model_dir), str(out), "--type", "q8_0", "--no-progress")[0] == 0
+    model = hylm.load_model(out)
+    assert any(isinstance(m, Q8_0Linear) for m in model.modules())
+    cases = json.loads((Path(__file__).parent / "golden" / "hylm_tiny.json").read_text())[:5]
+    prompts = [c["prompt_ids"] for c in cases]
+    params = SamplingParams(temperature=0.0, max_tokens=10)
+    alone = [LLM(model, max_num_seqs=1, max_model_len=1024).generate([p], params)[0].outputs[0].token_ids
+             for p in prompts]
+    batched = [c.outputs[0].token_ids for c in LLM(model, max_num_seqs=8, max_model_len=1024).generate(prompts, params)]
+    assert batched == alone

@@ -65,7 +65,7 @@ def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         tile = qweight[r: r + rows].to(torch.float32)  # scaled in place: one temporary per tile
         tile.view(tile.shape[0], -1, Q8_0_BLOCK).mul_(scales[r: r + rows].to(torch.float32).unsqueeze(-1))
         torch.mm(tile, xt, out=yt[r: r + rows])
-    y = yt.view(1, -1) if yt.shape[1] == 1 else yt.t()
+    y = yt.view(1, -1) if yt.shape[1] == 1 else yt.t().contiguous()
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*lead, out_f).to(x.dtype)
