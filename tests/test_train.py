@@ -65,6 +65,49 @@ def test_pack_sequences_targets_stay_inside_sequences():
     assert padded.pad_mask.tolist() == [False, False, False, True] * 2 and pb.pad_mask is None
 
 
+def test_pack_sequences_mtp_levels_follow_the_draft_chain():
+    """Level d row j reads level d-1 row j and the embedding of token j+d, and predicts token j+d+1."""
+    pb = pack_sequences([([5, 6, 7, 8, 9], [0, 0, 1, 1, 1]), ([10, 11, 12, 13], [0, 1, 1, 1])], mtp_depth=3)
+    one, two, three = pb.mtp_levels
+    assert one.batch.seq_lens == [4, 3] and two.batch.seq_lens == [3, 2] and three.batch.seq_lens == [2, 1]
+    assert two.src.tolist() == [0, 1, 2, 4, 5]  # into level 1's rows (sequence 2 starts at row 4 there)
+    assert two.embed.tolist() == [2, 3, 4, 7, 8]
+    assert two.rows.tolist() == [0, 1, 3] and two.targets.tolist() == [8, 9, 13]
+    assert three.src.tolist() == [0, 1, 3] and three.embed.tolist() == [3, 4, 8]
+    assert three.rows.tolist() == [0] and three.targets.tolist() == [9]
+    assert len(pack_sequences([([1, 2, 3], [0, 1, 1])], mtp_depth=5).mtp_levels) == 2  # as deep as rows allow
+
+
+def test_deeper_mtp_loss_equals_the_speculative_draft_chain_per_sequence():
+    """compute_losses' level-2 loss, rebuilt one sequence at a time the way speculative decoding drafts:
+    draft 2 at position t reads the MTP's own output at t and the embedding of token t+2."""
+    import torch.nn.functional as F
+
+    model = build_model(micro(), seed=4).eval()
+    g = torch.Generator().manual_seed(3)
+    seqs = []
+    for n in (37, 12, 20):
+        ids = torch.randint(0, 500, (n,), generator=g).tolist()
+        seqs.append((ids, [0] * 4 + [1] * (n - 4)))
+    with torch.no_grad():
+        _, _, mtp = compute_losses(model, pack_sequences(seqs, mtp_depth=2), mtp_weight=1.0)
+        per_level = [[], []]
+        for ids, mask in seqs:
+            t = torch.tensor(ids)
+            n = len(ids)
+            emb = model.model.embeddings(t)
+            h0 = model.hidden_states(t, Batch([n], [0], [0]))
+            o1 = model.mtp(emb[1:], h0[:-1], Batch([n - 1], [0], [0]), None)  # row j predicts token j+2
+            o2 = model.mtp(emb[2:], o1[:-1], Batch([n - 2], [0], [0]), None)  # row j predicts token j+3
+            for level, out in enumerate((o1, o2)):
+                logits = model.logits(out)
+                for j in range(out.shape[0]):
+                    if j + level + 2 < n and mask[j + level + 2]:
+                        per_level[level].append(-F.log_softmax(logits[j], -1)[ids[j + level + 2]])
+        expected = (torch.stack(per_level[0]).mean() + torch.stack(per_level[1]).mean()) / 2
+    torch.testing.assert_close(mtp, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_stream_batches_are_deterministic_and_bounded(stream):
     a, cur_a = stream.next_batch(0, 600)
     b, cur_b = stream.next_batch(0, 600)
@@ -180,7 +223,7 @@ def test_router_load_ignores_padding(tok_dir, tmp_path):
     k = trainer.config.num_experts_per_tok
     main, mtp = (loads[r] for r in trainer.routers)  # the trunk's MoE layer, then the MTP block's
     assert int(main.sum()) == k * pb.real_tokens
-    assert int(mtp.sum()) == k * int((~pb.pad_mask)[pb.mtp_src].sum())
+    assert int(mtp.sum()) == k * int((~pb.pad_mask)[pb.mtp_levels[0].embed].sum())  # rows embedding a real token
     trainer.close()
 
 

@@ -27,6 +27,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0: no clipping
     mtp_weight: float = 0.3
+    mtp_depth: int = 1  # MTP levels trained (draft 1..D of speculative decoding, shared weights)
     router_bias_rate: float = 1e-3  # 0: no balancing update
     seed: int = 0  # weight initialisation
     data_seed: int = 0  # first example seed

@@ -8,8 +8,11 @@ One step:
    (mask 1) and lies in the same sequence; cross-entropy against that token.
 3. MTP (when the config has it): the MTP block runs on every sequence shortened by one, with inputs
    (embedding of token t+1, hidden state of token t) -> draft hidden; logits predict token t+2 where that
-   token is a target of the same sequence. loss = main + mtp_weight * mtp. Gradients reach the trunk
-   through the hidden states too (as in DeepSeek-V3 / Nemotron 3 joint MTP training).
+   token is a target of the same sequence. With `mtp_depth` D > 1 the same block is applied again, as
+   speculative decoding applies it for draft d: level d reads level d-1's output at position t-1 and the
+   embedding of token t+1 and predicts token t+2 (d tokens past the last real hidden state), on every
+   sequence shortened by d. mtp = mean over levels; loss = main + mtp_weight * mtp. Gradients reach the
+   trunk through the hidden states too (as in DeepSeek-V3 / Nemotron 3 joint MTP training).
 4. AdamW (weight decay on matrices except the embeddings), linear warmup then cosine decay to min_lr,
    gradient clipping by global norm.
 5. Aux-loss-free MoE balancing (DeepSeek-V3): after each step every router's `e_score_correction_bias` moves
@@ -60,15 +63,26 @@ STATE_FORMAT = 1
 
 # ---------------------------------------------------------------------------------------------- packing
 @dataclass
+class MtpLevel:
+    """One application of the MTP block during training (level d = draft d of speculative decoding)."""
+    batch: Batch  # every sequence shortened by d
+    src: torch.Tensor  # [rows] rows of the previous level (the trunk for d = 1) giving each row's hidden input
+    embed: torch.Tensor  # [rows] indices into PackedBatch.ids of the token each row embeds
+    rows: torch.Tensor  # [K] rows whose target is a target of the same sequence
+    targets: torch.Tensor  # [K]
+
+    def to(self, device: torch.device | str) -> "MtpLevel":
+        return dataclasses.replace(self, src=self.src.to(device), embed=self.embed.to(device),
+                                   rows=self.rows.to(device), targets=self.targets.to(device))
+
+
+@dataclass
 class PackedBatch:
     ids: torch.Tensor  # [N] all tokens, sequences back to back
     batch: Batch
     rows: torch.Tensor  # [M] rows whose next token is a target
     targets: torch.Tensor  # [M]
-    mtp_batch: Batch | None  # every sequence shortened by one
-    mtp_src: torch.Tensor | None  # [N - n] main rows feeding the MTP block (all but each sequence's last)
-    mtp_rows: torch.Tensor | None  # [K] MTP rows whose token-after-next is a target
-    mtp_targets: torch.Tensor | None  # [K]
+    mtp_levels: list[MtpLevel]  # empty without MTP
     num_examples: int = 0
     real_tokens: int = 0  # tokens without padding
     pad_mask: torch.Tensor | None = None  # [N] True on padding rows (None: no padding)
@@ -77,63 +91,84 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return int(self.ids.numel())
 
+    # level 1 under its historical names
+    mtp_batch = property(lambda self: self.mtp_levels[0].batch if self.mtp_levels else None)
+    mtp_src = property(lambda self: self.mtp_levels[0].src if self.mtp_levels else None)
+    mtp_rows = property(lambda self: self.mtp_levels[0].rows if self.mtp_levels else None)
+    mtp_targets = property(lambda self: self.mtp_levels[0].targets if self.mtp_levels else None)
+
     def to(self, device: torch.device | str) -> "PackedBatch":
         move = (lambda t: None if t is None else t.to(device))
         return dataclasses.replace(self, ids=move(self.ids), rows=move(self.rows), targets=move(self.targets),
-                                   mtp_src=move(self.mtp_src), mtp_rows=move(self.mtp_rows),
-                                   mtp_targets=move(self.mtp_targets), pad_mask=move(self.pad_mask))
+                                   mtp_levels=[lv.to(device) for lv in self.mtp_levels],
+                                   pad_mask=move(self.pad_mask))
+
+
+def _mtp_level(depth: int, spans: list[tuple[int, int, int]], prev_offsets: list[int],
+               seqs: list[tuple[list[int], list[int]]]) -> MtpLevel:
+    """Level `depth` rows: for sequence s (start lo, real length n, padded length L) rows j = 0..L-depth-1
+    read previous-level row j, embed token lo+j+depth and predict token j+depth+1 of the sequence."""
+    src: list[int] = []
+    embed: list[int] = []
+    rows: list[int] = []
+    targets: list[int] = []
+    for (lo, n, length), prev_lo, (ids, mask) in zip(spans, prev_offsets, seqs):
+        row_lo = len(src)
+        for j in range(length - depth):
+            src.append(prev_lo + j)
+            embed.append(lo + j + depth)
+            t = j + depth + 1
+            if t < n and mask[t]:
+                rows.append(row_lo + j)
+                targets.append(ids[t])
+    lt = (lambda x: torch.tensor(x, dtype=torch.long))
+    batch = Batch([length - depth for _, _, length in spans], [0] * len(spans), list(range(len(spans))))
+    return MtpLevel(batch, lt(src), lt(embed), lt(rows), lt(targets))
 
 
 def pack_sequences(seqs: list[tuple[list[int], list[int]]], pad_multiple: int = 1, pad_id: int = 0,
-                   with_mtp: bool = True) -> PackedBatch:
+                   with_mtp: bool = True, mtp_depth: int = 1) -> PackedBatch:
     """(ids, loss mask) per example -> one packed batch (see the module doc for the targets)."""
     all_ids: list[int] = []
     lens: list[int] = []
     rows: list[int] = []
     targets: list[int] = []
-    mtp_src: list[int] = []
-    mtp_rows: list[int] = []
-    mtp_targets: list[int] = []
+    spans: list[tuple[int, int, int]] = []  # (start, real length, padded length) per sequence
     for ids, mask in seqs:
         if len(ids) != len(mask):
             raise ValueError("ids and loss mask differ in length")
+    seqs = [(ids, mask) for ids, mask in seqs if len(ids) >= 2]
+    for ids, mask in seqs:
         n = len(ids)
-        if n < 2:
-            continue
         pad = (-n) % pad_multiple if pad_multiple > 1 else 0
         lo = len(all_ids)
-        mtp_lo = len(mtp_src)
         for p in range(n - 1):
             if mask[p + 1]:
                 rows.append(lo + p)
                 targets.append(ids[p + 1])
-        if with_mtp:
-            total = n + pad
-            mtp_src.extend(range(lo, lo + total - 1))
-            for p in range(n - 2):
-                if mask[p + 2]:
-                    mtp_rows.append(mtp_lo + p)
-                    mtp_targets.append(ids[p + 2])
         all_ids.extend(ids)
         all_ids.extend([pad_id] * pad)
         lens.append(n + pad)
+        spans.append((lo, n, n + pad))
     if not lens:
         raise ValueError("no sequence with at least two tokens to train on")
     k = len(lens)
     batch = Batch(lens, [0] * k, list(range(k)))
     lt = (lambda x: torch.tensor(x, dtype=torch.long))
+    levels: list[MtpLevel] = []
     if with_mtp:
-        mtp_batch = Batch([n - 1 for n in lens], [0] * k, list(range(k)))
-        mtp = (mtp_batch, lt(mtp_src), lt(mtp_rows), lt(mtp_targets))
-    else:
-        mtp = (None, None, None, None)
-    real = sum(len(ids) for ids, _ in seqs if len(ids) >= 2)
+        for depth in range(1, max(1, mtp_depth) + 1):
+            if min(length for _, _, length in spans) <= depth:
+                break  # a sequence would have no row left at this depth
+            prev_offsets = batch.offsets if depth == 1 else levels[-1].batch.offsets
+            levels.append(_mtp_level(depth, spans, prev_offsets, seqs))
+    real = sum(n for _, n, _ in spans)
     pad_mask = None
     if real != len(all_ids):
         pad_mask = torch.ones(len(all_ids), dtype=torch.bool)
-        for lo, n in zip(batch.offsets, [len(ids) for ids, _ in seqs if len(ids) >= 2]):
+        for lo, n, _ in spans:
             pad_mask[lo: lo + n] = False
-    return PackedBatch(lt(all_ids), batch, lt(rows), lt(targets), *mtp, num_examples=k, real_tokens=real,
+    return PackedBatch(lt(all_ids), batch, lt(rows), lt(targets), levels, num_examples=k, real_tokens=real,
                        pad_mask=pad_mask)
 
 
@@ -162,7 +197,7 @@ class ExampleStream:
         return self._cache[index]
 
     def next_batch(self, cursor: int, batch_tokens: int, pad_multiple: int = 1, pad_id: int = 0,
-                   with_mtp: bool = True) -> tuple[PackedBatch, int]:
+                   with_mtp: bool = True, mtp_depth: int = 1) -> tuple[PackedBatch, int]:
         """Examples from `cursor` on while they fit in batch_tokens (at least one). Returns the batch and
         the cursor of the first example not used."""
         seqs: list[tuple[list[int], list[int]]] = []
@@ -178,22 +213,29 @@ class ExampleStream:
             seqs.append(item)
             total += n
             cursor += 1
-        return pack_sequences(seqs, pad_multiple, pad_id, with_mtp), cursor
+        return pack_sequences(seqs, pad_multiple, pad_id, with_mtp, mtp_depth), cursor
 
 
 # ---------------------------------------------------------------------------------------------- loss
 def compute_losses(model: NemotronHModel, pb: PackedBatch, mtp_weight: float = 0.3
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(total loss, main next-token loss, MTP loss or None): token means over the targets."""
+    """(total loss, main next-token loss, MTP loss or None): token means over the targets; the MTP loss is
+    the mean over its levels."""
     hidden = model.hidden_states(pb.ids, pb.batch)  # [N, D]
     logits = model.logits(hidden[pb.rows])  # [M, V] fp32
     main = F.cross_entropy(logits, pb.targets)
-    if model.mtp is None or pb.mtp_batch is None or mtp_weight == 0 or pb.mtp_rows.numel() == 0:
+    if model.mtp is None or not pb.mtp_levels or mtp_weight == 0:
         return main, main, None
-    next_embeds = model.model.embeddings(pb.ids[pb.mtp_src + 1])  # [N - n, D] token t+1
-    draft = model.mtp(next_embeds, hidden[pb.mtp_src], pb.mtp_batch, None)  # [N - n, D]
-    mtp_logits = model.logits(draft[pb.mtp_rows])  # [K, V]
-    mtp = F.cross_entropy(mtp_logits, pb.mtp_targets)
+    losses = []
+    prev = hidden
+    for level in pb.mtp_levels:
+        draft = model.mtp(model.model.embeddings(pb.ids[level.embed]), prev[level.src], level.batch, None)  # [rows, D]
+        if level.rows.numel():
+            losses.append(F.cross_entropy(model.logits(draft[level.rows]), level.targets))  # [K, V] logits
+        prev = draft
+    if not losses:
+        return main, main, None
+    mtp = torch.stack(losses).mean()
     return main + mtp_weight * mtp, main, mtp
 
 
@@ -290,6 +332,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.dtype not in ("fp32", "float32", "bf16", "bfloat16"):
             raise ValueError(f"dtype: expected fp32 or bf16, got {cfg.dtype!r}")
+        if cfg.mtp_depth < 1:
+            raise ValueError(f"mtp_depth: expected 1 or more, got {cfg.mtp_depth}")
         self.step = 0
         self.cursor = 0
         self.history: dict[str, list] = {"step": [], "loss": [], "main_loss": [], "mtp_loss": [], "lr": [],
@@ -383,7 +427,8 @@ class Trainer:
     # ---- one step
     def next_batch(self) -> PackedBatch:
         pb, self.cursor = self.stream.next_batch(self.cursor, self.cfg.batch_tokens, self.cfg.pad_multiple,
-                                                 self.pad_id, with_mtp=self.model.mtp is not None)
+                                                 self.pad_id, with_mtp=self.model.mtp is not None,
+                                                 mtp_depth=self.cfg.mtp_depth)
         return pb
 
     def _autocast(self):
@@ -403,8 +448,8 @@ class Trainer:
         if pb.pad_mask is not None:  # the main layers see all N rows, the MTP block N - n of them
             keep = ~pb.pad_mask
             self._keep_rows[keep.numel()] = keep
-            if pb.mtp_src is not None:
-                self._keep_rows[pb.mtp_src.numel()] = keep[pb.mtp_src]
+            for level in pb.mtp_levels:  # a row is real where the token it embeds is
+                self._keep_rows[level.src.numel()] = keep[level.embed]
         self._counting = True
         try:
             with self._autocast():
