@@ -1,4 +1,4 @@
-"""hylm vs transformers (and llama.cpp once GGUF export exists) on the same random model, same run.
+"""hylm vs transformers and llama.cpp on the same random model, same run.
 
     python3 benchmarks/bench_cpu.py            # full table (a few minutes on 2 cores)
     python3 benchmarks/bench_cpu.py --quick    # shorter contexts, for a smoke run
@@ -6,6 +6,10 @@
 Prints prefill tok/s at several prompt lengths, single-stream decode tok/s at those contexts, aggregate
 decode tok/s at several batch sizes, each with the hylm/transformers ratio, plus the decode roofline
 (active weight bytes + KV + state bytes per token over measured memory bandwidth) and hylm's fraction.
+
+Where llama-cpp-python is installed, the same weights exported by `hylm export-gguf` (f32 and q8_0) run in
+llama.cpp as a second peer: prefill and single-stream decode (its high-level API drives one sequence, so
+no batched rows). llama.cpp runs with its defaults otherwise (f16 KV cache), as its users run it.
 """
 
 from __future__ import annotations
@@ -94,6 +98,59 @@ def hylm_decode(model, batch: int, context: int, new_tokens: int) -> float:
     return produced / (time.perf_counter() - t)
 
 
+# ---- llama.cpp ----------------------------------------------------------------------------------------
+def write_placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A byte-level BPE vocabulary of vocab_size made-up tokens: llama.cpp needs a vocabulary to size its
+    logits, and the benchmark feeds token ids, so what the tokens spell does not matter."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    while len(vocab) < vocab_size:
+        vocab[f"tok{len(vocab)}"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(alphabet[0], alphabet[1])]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(directory / "tokenizer.json"))
+
+
+def export_for_llama_cpp(directory: Path, qtype: str) -> Path:
+    from hylm.weights.gguf_export import export_gguf
+
+    out = directory / f"bench-{qtype}.gguf"
+    out.unlink(missing_ok=True)
+    export_gguf(directory, out, qtype, progress=False)
+    return out
+
+
+def load_llama_cpp(path: Path, n_ctx: int, threads: int):
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                           n_threads_batch=threads, verbose=False)
+
+
+def llama_prefill(llm, length: int) -> float:
+    ids = torch.randint(3, BENCH.vocab_size, (length,)).tolist()
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    return length / (time.perf_counter() - t)
+
+
+def llama_decode(llm, context: int, new_tokens: int) -> float:
+    llm.reset()
+    llm.eval(torch.randint(3, BENCH.vocab_size, (context,)).tolist())
+    nxt = 5
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([nxt])
+        nxt = int(llm.scores[llm.n_tokens - 1].argmax())  # greedy, as the hylm and transformers rows
+    return new_tokens / (time.perf_counter() - t)
+
+
 # ---- transformers --------------------------------------------------------------------------------------
 def load_transformers(directory: Path):
     from transformers import NemotronHForCausalLM
@@ -130,6 +187,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -144,6 +202,14 @@ def main() -> None:
     tmp = Path("/tmp/hylm-bench-model")
     save_hf_checkpoint(model, tmp)
     hf = None if args.no_transformers else load_transformers(tmp)
+    llama_files: dict[str, Path] = {}
+    if not args.no_llama_cpp:
+        try:
+            import llama_cpp  # noqa: F401
+            write_placeholder_tokenizer(tmp, BENCH.vocab_size)
+            llama_files = {q: export_for_llama_cpp(tmp, q) for q in ("f32", "q8_0")}
+        except ImportError:
+            print("# llama.cpp: llama-cpp-python not installed (pip install llama-cpp-python), skipped")
     wbytes = active_weight_bytes(model)
     kv_tok = BENCH.kv_cache_bytes_per_token(4)
     state = BENCH.ssm_state_bytes_per_sequence(4)
@@ -178,10 +244,35 @@ def main() -> None:
         roof = b * bw / (wbytes + b * (128 * kv_tok + 2 * state))
         row(f"aggregate decode batch {b} tok/s", h, t, roof)
 
-    print("\n| measurement | hylm | transformers | hylm / transformers | roofline | hylm / roofline |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    llama_rows: dict[str, dict[str, float]] = {}
+    for qtype, path in llama_files.items():
+        llm = load_llama_cpp(path, max(contexts) + new_tokens + 64, torch.get_num_threads())
+        llama_prefill(llm, 256)  # warm-up
+        for n in contexts:
+            llama_rows.setdefault(f"prefill {n} tok/s", {})[qtype] = llama_prefill(llm, n)
+        for n in contexts:
+            llama_rows.setdefault(f"decode @ctx {n} tok/s (batch 1)", {})[qtype] = llama_decode(llm, n, new_tokens)
+        for name, vals in llama_rows.items():
+            if qtype in vals:
+                print(f"{name:<34} llama.cpp {qtype} {vals[qtype]:>9,.1f}", flush=True)
+        del llm
+
+    if llama_files:
+        print("\n| measurement | hylm | transformers | hylm / transformers | llama.cpp f32 | hylm / llama.cpp f32 "
+              "| llama.cpp q8_0 | roofline | hylm / roofline |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for name, h, t, ratio, roof, frac in rows:
+            lc = llama_rows.get(name, {})
+            f32, q8 = lc.get("f32"), lc.get("q8_0")
+            hv = float(h.replace(",", ""))
+            cells = [name, h, t, ratio, f"{f32:,.0f}" if f32 else "-", f"{hv / f32:.2f}x" if f32 else "-",
+                     f"{q8:,.0f}" if q8 else "-", roof, frac]
+            print("| " + " | ".join(cells) + " |")
+    else:
+        print("\n| measurement | hylm | transformers | hylm / transformers | roofline | hylm / roofline |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
 
 
 if __name__ == "__main__":
