@@ -108,6 +108,7 @@ def write_placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for ch in alphabet:
         vocab.setdefault(ch, len(vocab))
+    vocab[alphabet[0] + alphabet[1]] = len(vocab)  # the one merge's result (llama.cpp wants merges present)
     while len(vocab) < vocab_size:
         vocab[f"tok{len(vocab)}"] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[(alphabet[0], alphabet[1])]))
@@ -132,6 +133,13 @@ def load_llama_cpp(path: Path, n_ctx: int, threads: int):
                            n_threads_batch=threads, verbose=False)
 
 
+def llama_last_logits(llm):
+    """The last evaluated token's logits (llama-cpp-python only fills `scores` with logits_all)."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
 def llama_prefill(llm, length: int) -> float:
     ids = torch.randint(3, BENCH.vocab_size, (length,)).tolist()
     llm.reset()
@@ -147,7 +155,7 @@ def llama_decode(llm, context: int, new_tokens: int) -> float:
     t = time.perf_counter()
     for _ in range(new_tokens):
         llm.eval([nxt])
-        nxt = int(llm.scores[llm.n_tokens - 1].argmax())  # greedy, as the hylm and transformers rows
+        nxt = int(llama_last_logits(llm).argmax())  # greedy, as the hylm and transformers rows
     return new_tokens / (time.perf_counter() - t)
 
 
