@@ -129,7 +129,6 @@ def test_sampled_output_keeps_the_target_distribution(agreeable):
     # chi-square critical value at 0.001 (Wilson-Hilferty approximation)
     z = 3.0902
     crit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-    print("CHI2", chi2, crit, df, eng.metrics.spec_accepted_tokens, torch.get_num_threads())
     assert chi2 < crit, (chi2, crit, df)
     assert sum(counts.get(b, 0) for b in (~keep).nonzero().flatten().tolist()) <= 0.01 * n
 
