@@ -614,9 +614,9 @@ def test_cli_errors_are_one_line(tmp_path, checkpoint):
 # ---- (e) llama.cpp itself, where installed --------------------------------------------------------------------
 
 def test_llama_cpp_runs_the_exported_model_with_hylm_logits(tmp_path, checkpoint):
-    """llama.cpp runs in a child process of its own, as its users run it (and away from the test process's
-    thread pools: one in-process run among several full-suite runs once returned scores unrelated to the
-    model, which a fresh process never did)."""
+    """llama.cpp runs in a child process of its own, on one thread: in full-suite runs with 2 threads it
+    returned, now and then (in-process and in a child alike), scores unrelated to the model (relative error
+    0.5-0.65) while every run of this test alone agreed to 7e-7; see the issue note."""
     import subprocess
     import sys
 
@@ -629,7 +629,7 @@ def test_llama_cpp_runs_the_exported_model_with_hylm_logits(tmp_path, checkpoint
     # f32 KV cache: llama.cpp defaults to f16, which alone costs ~1e-4 relative; flash attention off
     code = f"""
 import llama_cpp, numpy as np
-kwargs = dict(model_path={str(out)!r}, n_ctx=64, logits_all=True, n_threads=2, verbose=False,
+kwargs = dict(model_path={str(out)!r}, n_ctx=64, logits_all=True, n_threads=1, n_threads_batch=1, verbose=False,
               type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 try:
     llm = llama_cpp.Llama(**kwargs, flash_attn=False)
