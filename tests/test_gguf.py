@@ -614,9 +614,11 @@ def test_cli_errors_are_one_line(tmp_path, checkpoint):
 # ---- (e) llama.cpp itself, where installed --------------------------------------------------------------------
 
 def test_llama_cpp_runs_the_exported_model_with_hylm_logits(tmp_path, checkpoint):
-    """llama.cpp runs in a child process of its own, on one thread: in full-suite runs with 2 threads it
-    returned, now and then (in-process and in a child alike), scores unrelated to the model (relative error
-    0.5-0.65) while every run of this test alone agreed to 7e-7; see the issue note."""
+    """llama.cpp runs in a child process of its own, as its users run it. Known open problem: about one run in
+    three of this module (not of this test alone), llama.cpp's scores differ from hylm's by ~0.5 relative
+    while hylm reading the same file agrees with the model to 1e-6; the same file always gives the same
+    llama.cpp scores, so something in how the fixture's files come out differs between runs (under
+    investigation; see the issue note)."""
     import subprocess
     import sys
 
