@@ -230,7 +230,7 @@ def main() -> None:
     def row(name, h, t, roof=None):
         ratio = f"{h / t:.2f}x" if t else "-"
         frac = f"{h / roof:.0%}" if roof else "-"
-        rows.append((name, f"{h:,.0f}", f"{t:,.0f}" if t else "-", ratio, f"{roof:,.0f}" if roof else "-", frac))
+        rows.append((name, h, t, ratio, roof, frac))
         print(f"{name:<34} hylm {h:>9,.1f}  transformers {t or 0:>9,.1f}  ratio {ratio:>7}  roofline {roof or 0:>8,.0f}  "
               f"hylm/roofline {frac}", flush=True)
 
@@ -265,22 +265,14 @@ def main() -> None:
                 print(f"{name:<34} llama.cpp {qtype} {vals[qtype]:>9,.1f}", flush=True)
         del llm
 
-    if llama_files:
-        print("\n| measurement | hylm | transformers | hylm / transformers | llama.cpp f32 | hylm / llama.cpp f32 "
-              "| llama.cpp q8_0 | roofline | hylm / roofline |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for name, h, t, ratio, roof, frac in rows:
-            lc = llama_rows.get(name, {})
-            f32, q8 = lc.get("f32"), lc.get("q8_0")
-            hv = float(h.replace(",", ""))
-            cells = [name, h, t, ratio, f"{f32:,.0f}" if f32 else "-", f"{hv / f32:.2f}x" if f32 else "-",
-                     f"{q8:,.0f}" if q8 else "-", roof, frac]
-            print("| " + " | ".join(cells) + " |")
-    else:
-        print("\n| measurement | hylm | transformers | hylm / transformers | roofline | hylm / roofline |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for r in rows:
-            print("| " + " | ".join(r) + " |")
+    num = (lambda v: f"{v:,.0f}" if v else "-")
+    print("\n| measurement | hylm | transformers | hylm / transformers | llama.cpp f32 | hylm / llama.cpp f32 "
+          "| llama.cpp q8_0 | roofline | hylm / roofline |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, h, t, ratio, roof, frac in rows:
+        f32, q8 = (llama_rows.get(name, {}).get(q) for q in ("f32", "q8_0"))
+        cells = [name, num(h), num(t), ratio, num(f32), f"{h / f32:.2f}x" if f32 else "-", num(q8), num(roof), frac]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

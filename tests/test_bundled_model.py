@@ -88,6 +88,25 @@ def test_golden_cases_cover_the_task_kinds():
     assert {"arith_think", "tool_call", "needle_single", "sort"} <= rows
 
 
+def test_thinking_off_arithmetic_answers_are_bare_numbers(llm):
+    """With thinking off the model answers at once: a (signed) integer and the end of turn, no reasoning
+    trace. (Whether the number is right is eval-tasks' arith_direct row; this small model rarely is.)"""
+    import re
+
+    from hylm.chat import ChatTemplate, Tokenizer
+    from hylm.engine.sampling_params import SamplingParams
+    from hylm.eval.tasks import build_items
+
+    tokenizer, template = Tokenizer.from_dir(MODEL), ChatTemplate.from_dir(MODEL)
+    items = build_items(template, tokenizer, rows=["arith_direct"], n=6)
+    stop = sorted(set(tokenizer.eos_token_ids))
+    outs = llm.generate([i.prompt_ids for i in items],
+                        SamplingParams(temperature=0.0, max_tokens=32, stop_token_ids=stop))
+    for out in outs:
+        text = tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=False)
+        assert re.fullmatch(r"-?\d+<\|im_end\|>", text), text
+
+
 def test_speculative_greedy_output_equals_plain_on_the_bundled_model():
     """The MTP block this model was trained with drafts; greedy output with speculation (K=1 and 3, batch of
     several requests, a small prefill chunk) is token-for-token the plain output."""

@@ -56,9 +56,10 @@ def test_pack_sequences_targets_stay_inside_sequences():
     assert pb.batch.seq_lens == [4, 3] and pb.batch.context_lens == [0, 0] and pb.batch.slots == [0, 1]
     assert pb.rows.tolist() == [1, 2, 4, 5] and pb.targets.tolist() == [7, 8, 10, 11]
     # MTP: sequences shortened by one; row r holds (hidden of token r, embedding of token r + 1)
-    assert pb.mtp_batch.seq_lens == [3, 2]
-    assert pb.mtp_src.tolist() == [0, 1, 2, 4, 5]
-    assert pb.mtp_rows.tolist() == [0, 1, 3] and pb.mtp_targets.tolist() == [7, 8, 11]
+    (one,) = pb.mtp_levels
+    assert one.batch.seq_lens == [3, 2]
+    assert one.src.tolist() == [0, 1, 2, 4, 5] and one.embed.tolist() == [1, 2, 3, 5, 6]
+    assert one.rows.tolist() == [0, 1, 3] and one.targets.tolist() == [7, 8, 11]
     padded = pack_sequences([([5, 6, 7], [0, 1, 1]), ([9, 10, 11], [0, 1, 1])], pad_multiple=4, pad_id=0)
     assert padded.batch.seq_lens == [4, 4] and padded.ids.tolist() == [5, 6, 7, 0, 9, 10, 11, 0]
     assert padded.rows.tolist() == [0, 1, 4, 5] and padded.real_tokens == 6  # no pad is ever a target

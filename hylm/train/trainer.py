@@ -91,12 +91,6 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return int(self.ids.numel())
 
-    # level 1 under its historical names
-    mtp_batch = property(lambda self: self.mtp_levels[0].batch if self.mtp_levels else None)
-    mtp_src = property(lambda self: self.mtp_levels[0].src if self.mtp_levels else None)
-    mtp_rows = property(lambda self: self.mtp_levels[0].rows if self.mtp_levels else None)
-    mtp_targets = property(lambda self: self.mtp_levels[0].targets if self.mtp_levels else None)
-
     def to(self, device: torch.device | str) -> "PackedBatch":
         move = (lambda t: None if t is None else t.to(device))
         return dataclasses.replace(self, ids=move(self.ids), rows=move(self.rows), targets=move(self.targets),
