@@ -77,8 +77,39 @@ def test_needle_options_control_haystack_and_needles():
     assert a.answer == b.answer and a.meta["key"] == b.meta["key"]
 
 
-_EXPR = re.compile(r"(-?\d+(?: [-+*] \d+)+) = (-?\d+)")
+def test_niah_task_asks_what_the_harness_asks_and_answers_every_value():
+    """The `niah` task is a case of `hylm niah`'s prompt: same instruction, needle sentences and question; the
+    answer is exactly the expected values (multivalue in the order the needles appear) and the harness's
+    scorer gives it full marks."""
+    from hylm.eval import niah
 
+    seen = set()
+    for s in range(60):
+        ex = cur.generate_example("niah", random.Random(s))
+        meta, prompt = ex.meta, ex.messages[0]["content"]
+        seen.add((meta["variant"], meta["haystack"]))
+        assert ex.messages[0]["role"] == "user" and ex.messages[-1]["role"] == "assistant"
+        assert ex.template_kwargs == {"enable_thinking": False} and ex.messages[-1]["content"] == ex.answer
+        t = niah.TYPE_NAMES[meta["value_type"]]
+        assert prompt.startswith(f"Some special magic {t} are hidden in the long text below.")
+        assert prompt.endswith(f"Answer with the {t[:-1] if len(meta['values']) == 1 else t} only.")
+        assert ex.answer == ", ".join(meta["values"])
+        assert niah.score(ex.answer, meta["values"]) == 1.0
+        for v in meta["values"]:
+            assert re.search(rf"One of the special magic {t} for [a-z]+-[a-z]+ is: {re.escape(v)}\.", prompt)
+        if meta["variant"] == "multivalue":
+            assert [prompt.index(v) for v in meta["values"]] == sorted(prompt.index(v) for v in meta["values"])
+        if meta["variant"] in ("single", "multikey"):
+            key = re.search(r"special magic \w+ for ([a-z]+-[a-z]+) mentioned", prompt).group(1)
+            assert f"for {key} is: {meta['values'][0]}." in prompt
+    assert {v for v, _ in seen} == set(niah.VARIANTS) and {h for _, h in seen} == {"noise", "essay"}
+    a = cur.generate_example("niah", random.Random(1), filler_sentences=10, haystack="noise", variant="single")
+    b = cur.generate_example("niah", random.Random(1), filler_sentences=30, haystack="noise", variant="single")
+    assert len(b.messages[0]["content"]) > len(a.messages[0]["content"]) and a.answer == b.answer
+    assert a.messages[0]["content"].count("The grass is green.") == 2  # 10 noise sentences: the 5 twice
+
+
+_EXPR = re.compile(r"(-?\d+(?: [-+*] \d+)+) = (-?\d+)")
 
 @pytest.mark.parametrize("op", ["+", "-", "*"])
 def test_arithmetic_traces_are_correct(op):

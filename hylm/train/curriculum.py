@@ -11,6 +11,10 @@ Tasks (`TASKS`):
   needles for other keys (distractors); multivalue hides several values for the one key and asks for all.
   Thinking off. Options: `filler_sentences` (exact count) or `context_tokens` (approximate haystack size,
   `TOKENS_PER_FILLER_SENTENCE` tokens per sentence), `num_needles` (multikey / multivalue).
+* `niah` -- the prompt `hylm niah` asks (RULER variants single / multikey / multivalue / multiquery; numbers,
+  words or UUIDs; noise or essay haystack), built with the harness's own functions; the answer is the value(s)
+  alone. Options: `filler_sentences` (exact count of haystack sentences) or `token_range` (haystack tokens
+  drawn from it, default (64, 640)), `num_needles`, `variant`, `value_type`, `haystack`.
 * `arith_think` -- 2-4 digit add / sub / mul, a column-by-column trace in the reasoning, the number alone as
   the content. `arith_direct` -- thinking off, the number alone. `arith_low_effort` -- `low_effort=True`
   (the template appends "{reasoning effort: low}") and a one- or two-line trace.
@@ -210,6 +214,47 @@ def _needle_example(task: str, rng: random.Random, opts: Mapping[str, Any]) -> E
     return Example(task, msgs, None, {"enable_thinking": False}, answer,
                    {"key": key, "values": values, "all_values": vals, "needles": needles,
                     "filler_sentences": n_sent, "value_kind": kind})
+
+
+NIAH_VARIANTS = {"single": 0.4, "multikey": 0.25, "multivalue": 0.15, "multiquery": 0.2}
+NIAH_VALUE_TYPES = {"numbers": 0.7, "words": 0.2, "uuids": 0.1}
+NIAH_HAYSTACKS = ("noise", "essay")
+# haystack tokens per sentence unit with the curriculum tokenizer (measured on hylm-tiny's: 7.6 and 31.5); only
+# used to turn a token target into a unit count when sampling, `hylm niah` sizes prompts with the tokenizer
+NIAH_TOKENS_PER_UNIT = {"noise": 7.6, "essay": 31.5}
+
+
+def _niah_example(task: str, rng: random.Random, opts: Mapping[str, Any]) -> Example:
+    """A case of `hylm niah`'s prompt, built by the harness's own functions (needles, gkamradt placement,
+    instruction and question), so that what the model learns is what the harness asks. The answer is what
+    the question asks for: the value alone, or the values comma-separated (multivalue in the order they
+    appear, multiquery in the order of the keys asked)."""
+    from ..eval.haystack import make_haystack
+    from ..eval.niah import make_needles, place_needles, render_messages
+
+    def pick(weights: Mapping[str, float], forced: Any) -> str:
+        return forced or rng.choices(list(weights), weights=list(weights.values()))[0]
+
+    variant = pick(NIAH_VARIANTS, opts.get("variant"))
+    value_type = pick(NIAH_VALUE_TYPES, opts.get("value_type"))
+    haystack = opts.get("haystack") or rng.choice(NIAH_HAYSTACKS)
+    num_needles = int(opts.get("num_needles") or rng.randint(2, 4))
+    depth = round(rng.uniform(0.0, 100.0), 1)
+    needle_seed, hay_seed = rng.getrandbits(32), rng.getrandbits(32)
+    if opts.get("filler_sentences") is not None:
+        n_units = max(0, int(opts["filler_sentences"]))
+    else:
+        lo, hi = opts.get("token_range", (64, 640))
+        n_units = max(1, round(rng.randint(lo, hi) / NIAH_TOKENS_PER_UNIT[haystack]))
+    needles, expected, question = make_needles(variant, value_type, needle_seed, 0, depth, num_needles)
+    context = place_needles(make_haystack(haystack, hay_seed).units(n_units), needles).rstrip()
+    if variant == "multivalue":
+        expected = [nd.value for nd in sorted(needles, key=lambda nd: nd.offset)]
+    answer = ", ".join(expected)
+    msgs = render_messages(context, question, value_type) + [_assistant(answer)]
+    return Example(task, msgs, None, {"enable_thinking": False}, answer,
+                   {"values": expected, "variant": variant, "value_type": value_type, "haystack": haystack,
+                    "depth": depth, "filler_sentences": n_units})
 
 
 # ---------------------------------------------------------------------------------------------- arithmetic
@@ -540,6 +585,7 @@ _GENERATORS: dict[str, Callable[[str, random.Random, Mapping[str, Any]], Example
     "needle_single": _needle_example,
     "needle_multikey": _needle_example,
     "needle_multivalue": _needle_example,
+    "niah": _niah_example,
     "arith_think": _arith_example,
     "arith_direct": _arith_example,
     "arith_low_effort": _arith_example,
@@ -550,9 +596,9 @@ _GENERATORS: dict[str, Callable[[str, random.Random, Mapping[str, Any]], Example
     "sort": _instruction_example,
 }
 TASKS: tuple[str, ...] = tuple(_GENERATORS)
-NEEDLE_TASKS = ("needle_single", "needle_multikey", "needle_multivalue")
+NEEDLE_TASKS = ("needle_single", "needle_multikey", "needle_multivalue", "niah")
 DEFAULT_MIX: dict[str, float] = {
-    "needle_single": 1.0, "needle_multikey": 1.0, "needle_multivalue": 1.0,
+    "needle_single": 1.0, "needle_multikey": 1.0, "needle_multivalue": 1.0, "niah": 1.0,
     "arith_think": 1.5, "arith_direct": 1.0, "arith_low_effort": 1.0,
     "tool_call": 1.5, "copy": 0.75, "reverse": 0.75, "count": 0.75, "sort": 0.75,
 }
