@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
+from ..detokenize import IncrementalDetokenizer
 from .engine import EngineConfig, LLMEngine
 from .request import RequestOutput
 from .sampling_params import SamplingParams
@@ -55,30 +56,36 @@ class StreamEvent:
 
 
 class _TextTracker:
-    """Text of one request's output: stop-string matching and the part safe to show so far."""
+    """Text of one request's output: stop-string matching and the part safe to show so far. Work per token
+    stays constant however long the output grows: detokenization is incremental and only the text not shown
+    yet is kept (shown text never ends with the start of a stop string, so no stop can straddle the two)."""
 
     def __init__(self, tokenizer: Detokenizer | None, params: SamplingParams):
-        self.tokenizer, self.params = tokenizer, params
-        self.text, self.emitted = "", 0
+        self.stops = params.stop or []
+        self.detok = None if tokenizer is None else IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
+        self.unshown, self.fed = "", 0
+        self.shown_len = 0
+
+    @property
+    def text_len(self) -> int:
+        """Characters of the output's text so far (shown or held back)."""
+        return self.shown_len + len(self.unshown)
 
     def update(self, output_ids: list[int], finished: bool) -> tuple[str | None, str | None]:
         """Returns (new visible text, matched stop string)."""
-        if self.tokenizer is None:
+        if self.detok is None:
             return None, None
-        text = self.tokenizer.decode(output_ids, skip_special_tokens=self.params.skip_special_tokens)
-        if text.endswith("\ufffd") and not finished:
-            text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its next byte
-        stops = self.params.stop
+        text = self.unshown + self.detok.add(output_ids[self.fed:]) + (self.detok.finish() if finished else "")
+        self.fed = len(output_ids)
         matched = None
-        if stops:
-            hit = find_stop(text, stops, max(0, self.emitted - max(len(s) for s in stops)))
+        if self.stops:
+            hit = find_stop(text, self.stops)
             if hit is not None:
                 text, matched = text[: hit[0]], hit[1]
-        visible = len(text) if (finished or matched or not stops) else safe_prefix_len(text, stops)
-        visible = max(visible, self.emitted)
-        new = text[self.emitted: visible]
-        self.text, self.emitted = text, visible
-        return new, matched
+        visible = len(text) if (finished or matched or not self.stops) else safe_prefix_len(text, self.stops)
+        self.unshown = text[visible:]
+        self.shown_len += visible
+        return text[:visible], matched
 
 
 class LLM:

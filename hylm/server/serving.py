@@ -586,7 +586,7 @@ class CompletionChoice:
 
     def feed(self, out: RequestOutput) -> tuple[str, dict | None, str | None]:
         self.num_tokens = len(out.output_ids)
-        offset = len(self.echo) + len(self.tracker.text)  # where the new tokens' text starts
+        offset = len(self.echo) + self.tracker.text_len  # where the new tokens' text starts
         text, matched = self.tracker.update(out.output_ids, out.finished)
         text = text or ""
         self.text_parts.append(text)
