@@ -3,7 +3,7 @@
 Byte-level BPE spreads one emoji or CJK character over several tokens, so a token's text only becomes known
 when the tokens after it arrive. Knows nothing of any layer: it needs only an object with
 ``decode(ids, skip_special_tokens=...)`` (and optionally ``special_ids``), so the chat layer's tokenizer and the
-engine's offline API share it.
+engine's offline API share it. `StopStrings` wraps one to end the text at the first stop string.
 """
 
 from __future__ import annotations
@@ -126,3 +126,52 @@ class IncrementalDetokenizer:
         self._ids = self._ids[drop:]
         self._read = end - drop
         self._prefix = 0
+
+
+def find_stop(text: str, stops: list[str], start: int = 0) -> tuple[int, str] | None:
+    """Earliest stop string occurring in text at or after `start`: (position, the string)."""
+    best = None
+    for s in stops:
+        i = text.find(s, start)
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, s)
+    return best
+
+
+def safe_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the text that can be shown: the rest is a proper prefix of some stop string."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return len(text) - hold
+
+
+class StopStrings:
+    """A detokenizer wrapper: text passes through until the first stop string (left out, recorded in
+    `matched`); a tail that may still become a stop string is held back until the next piece decides."""
+
+    def __init__(self, detok: Any, stops: list[str]):
+        self.detok, self.stops = detok, stops
+        self.held = ""
+        self.matched: str | None = None
+
+    def add(self, token_ids) -> str:
+        return self._push(self.detok.add(token_ids), final=False)
+
+    def finish(self) -> str:
+        return self._push(self.detok.finish(), final=True)
+
+    def _push(self, piece: str, final: bool) -> str:
+        if self.matched is not None:
+            return ""
+        text = self.held + piece
+        hit = find_stop(text, self.stops)
+        if hit is not None:
+            self.matched, self.held = hit[1], ""
+            return text[: hit[0]]
+        keep = len(text) if final else safe_prefix_len(text, self.stops)
+        self.held = text[keep:]
+        return text[:keep]

@@ -12,11 +12,10 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from ..detokenize import IncrementalDetokenizer
+from ..detokenize import IncrementalDetokenizer, StopStrings
 from .engine import EngineConfig, LLMEngine
 from .request import RequestOutput
 from .sampling_params import SamplingParams
-from .stop import find_stop, safe_prefix_len
 
 
 class Detokenizer(Protocol):
@@ -56,36 +55,34 @@ class StreamEvent:
 
 
 class _TextTracker:
-    """Text of one request's output: stop-string matching and the part safe to show so far. Work per token
-    stays constant however long the output grows: detokenization is incremental and only the text not shown
-    yet is kept (shown text never ends with the start of a stop string, so no stop can straddle the two)."""
+    """Text of one request's output: incremental detokenization (constant work per token), ended at the
+    first stop string, with a tail that may still become one held back."""
 
     def __init__(self, tokenizer: Detokenizer | None, params: SamplingParams):
-        self.stops = params.stop or []
-        self.detok = None if tokenizer is None else IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
-        self.unshown, self.fed = "", 0
-        self.shown_len = 0
+        self.detok: IncrementalDetokenizer | StopStrings | None = None
+        if tokenizer is not None:
+            self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
+            if params.stop:
+                self.detok = StopStrings(self.detok, params.stop)
+        self.fed = self.shown_len = 0
 
     @property
     def text_len(self) -> int:
-        """Characters of the output's text so far (shown or held back)."""
-        return self.shown_len + len(self.unshown)
+        """Characters of the output's text so far (shown or held back as a possible stop string)."""
+        return self.shown_len + len(getattr(self.detok, "held", ""))
 
     def update(self, output_ids: list[int], finished: bool) -> tuple[str | None, str | None]:
         """Returns (new visible text, matched stop string)."""
         if self.detok is None:
             return None, None
-        text = self.unshown + self.detok.add(output_ids[self.fed:]) + (self.detok.finish() if finished else "")
+        text = self.detok.add(output_ids[self.fed:])
         self.fed = len(output_ids)
-        matched = None
-        if self.stops:
-            hit = find_stop(text, self.stops)
-            if hit is not None:
-                text, matched = text[: hit[0]], hit[1]
-        visible = len(text) if (finished or matched or not self.stops) else safe_prefix_len(text, self.stops)
-        self.unshown = text[visible:]
-        self.shown_len += visible
-        return text[:visible], matched
+        matched = getattr(self.detok, "matched", None)
+        if finished and matched is None:
+            text += self.detok.finish()
+            matched = getattr(self.detok, "matched", None)
+        self.shown_len += len(text)
+        return text, matched
 
 
 class LLM:

@@ -35,11 +35,11 @@ from starlette.types import Receive, Scope, Send
 
 from ..chat.chat_format import ChatDelta, ChatPrompt
 from ..chat.tool_calls import ToolCallArgumentsDelta, ToolCallStart
+from ..detokenize import StopStrings
 from ..engine.async_engine import AsyncEngine, EngineStopped
 from ..engine.llm import _TextTracker
 from ..engine.request import RequestOutput
 from ..engine.sampling_params import SamplingParams
-from ..engine.stop import find_stop, safe_prefix_len
 from .errors import APIError, error_body
 from .protocol import (MAX_CHOICES, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                        NamedToolChoice, TokenizeRequest, ToolDef, _Sampling)
@@ -107,34 +107,6 @@ def _per_choice(params: SamplingParams, n: int) -> list[SamplingParams]:
     """The n samples of one prompt draw from seeds seed, seed+1, ... (as `LLM` does)."""
     return [params if params.seed is None or k == 0 else dataclasses.replace(params, seed=params.seed + k)
             for k in range(n)]
-
-
-class StopStrings:
-    """A detokenizer wrapper: text passes through until the first stop string (left out, recorded in
-    `matched`); a tail that may still become a stop string is held back until the next piece decides."""
-
-    def __init__(self, detok: Any, stops: list[str]):
-        self.detok, self.stops = detok, stops
-        self.held = ""
-        self.matched: str | None = None
-
-    def add(self, token_ids) -> str:
-        return self._push(self.detok.add(token_ids), final=False)
-
-    def finish(self) -> str:
-        return self._push(self.detok.finish(), final=True)
-
-    def _push(self, piece: str, final: bool) -> str:
-        if self.matched is not None:
-            return ""
-        text = self.held + piece
-        hit = find_stop(text, self.stops)
-        if hit is not None:
-            self.matched, self.held = hit[1], ""
-            return text[: hit[0]]
-        keep = len(text) if final else safe_prefix_len(text, self.stops)
-        self.held = text[keep:]
-        return text[:keep]
 
 
 # ---------------------------------------------------------------------------------------------- generation
