@@ -1,5 +1,6 @@
 """Expert dispatch (hylm.ops.moe.grouped_expert_mlp) against a float64 loop over tokens and their experts,
-on both paths: one token (its k experts in turn) and several (tokens sorted per expert)."""
+on every path: one token (its k experts in turn), several (tokens sorted per expert) and few tokens over
+small experts (every expert computed, unchosen ones weighted 0)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,17 @@ import pytest
 import torch
 
 from hylm.ops import moe as moe_ops
+
+
+dense_path = moe_ops.dense_expert_mlp
+
+
+@pytest.mark.parametrize("n,k", [(2, 2), (3, 2), (5, 4)])
+def test_dense_path_matches_the_float64_loop(n, k):
+    x, weights, ids, up, down = case(n, k, seed=n + 100 * k)
+    got = moe_ops.dense_expert_mlp(x, weights, ids, up, down)
+    assert got.shape == (n, down.shape[1]) and got.dtype == x.dtype
+    torch.testing.assert_close(got.double(), reference(x, weights, ids, up, down), rtol=1e-5, atol=1e-5)
 
 
 def reference(x, weights, ids, up, down):
@@ -29,9 +41,14 @@ def case(n, k, experts=8, d=24, inter=40, d_out=24, seed=0):
     return x, weights, ids, up, down
 
 
-@pytest.mark.parametrize("n,k", [(1, 2), (1, 4), (3, 2), (4, 3), (17, 2), (40, 4)])
-def test_dispatch_matches_the_float64_loop(n, k):
-    x, weights, ids, up, down = case(n, k, seed=n * 10 + k)
+# 8 experts of 40 x 24: dense while n * k >= 8 and n * 8 * 40 * 24 <= DENSE_MAX_MACS; inter=800 (17 tokens) and 400 (40) are past it
+@pytest.mark.parametrize("n,k,inter,dense", [(1, 2, 40, False), (1, 4, 40, False), (3, 2, 40, False), (4, 3, 40, True),
+                                               (17, 2, 40, True), (40, 4, 400, False), (17, 2, 800, False)])
+def test_dispatch_matches_the_float64_loop(n, k, inter, dense, monkeypatch):
+    x, weights, ids, up, down = case(n, k, inter=inter, seed=n * 10 + k)
+    calls = []
+    monkeypatch.setattr(moe_ops, "dense_expert_mlp", lambda *a: calls.append(1) or dense_path(*a))
     got = moe_ops.grouped_expert_mlp(x, weights, ids, up, down)
+    assert bool(calls) == dense
     assert got.shape == (n, down.shape[1]) and got.dtype == x.dtype
     torch.testing.assert_close(got.double(), reference(x, weights, ids, up, down), rtol=1e-5, atol=1e-5)

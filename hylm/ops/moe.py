@@ -38,6 +38,12 @@ def route_sigmoid_topk(
     return weights * scaling, ids
 
 
+# Few tokens over small experts: below this many multiply-adds for one projection of every token through
+# every expert, computing all experts (two GEMMs) beats a loop of per-expert GEMMs, whose fixed cost per call
+# dominates at these sizes. Only small models ever qualify (hylm-tiny: up to 14 tokens).
+DENSE_MAX_MACS = 1 << 21
+
+
 def grouped_expert_mlp(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -49,9 +55,14 @@ def grouped_expert_mlp(
 
     x: [N, D]; weights, ids: [N, k]; up: [E, I, D]; down: [E, D_out, I]. Tokens are sorted by expert
     so that each expert runs one GEMM over all of its tokens; the loop is over experts that received
-    tokens, never over tokens. Accumulates in fp32; returns [N, D_out] in x's dtype.
+    tokens, never over tokens. Few tokens that reach every expert on average, with experts so small that all of
+    them together cost little (see DENSE_MAX_MACS), take `dense_expert_mlp` instead. Accumulates in fp32;
+    returns [N, D_out] in x's dtype.
     """
     n, k = ids.shape
+    num_experts, inter, d_in = up.shape
+    if 1 < n and n * k >= num_experts and n * num_experts * inter * d_in <= DENSE_MAX_MACS:
+        return dense_expert_mlp(x, weights, ids, up, down)
     if n == 1:  # one decode token: no sorting or scattering, just its k experts
         out = None
         for j, expert in enumerate(ids[0].tolist()):
@@ -76,4 +87,18 @@ def grouped_expert_mlp(
         start = end
     out = torch.zeros(n, down.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, token_of, out_sorted)
+    return out.to(x.dtype)
+
+
+def dense_expert_mlp(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up: torch.Tensor,
+                     down: torch.Tensor) -> torch.Tensor:
+    """The same sum as `grouped_expert_mlp`, with every token through every expert and the experts it did not
+    choose weighted 0: one GEMM over all up projections, one batched GEMM over the down projections."""
+    n = x.shape[0]
+    num_experts, inter, d_in = up.shape
+    gate = torch.zeros(n, num_experts, dtype=torch.float32, device=x.device).scatter_(1, ids, weights.float())
+    h = torch.relu(x @ up.reshape(num_experts * inter, d_in).t()).square()  # [N, E*I]
+    h = h.view(n, num_experts, inter).transpose(0, 1)  # [E, N, I]
+    y = torch.bmm(h, down.transpose(1, 2)).float()  # [E, N, D_out]
+    out = (y * gate.t().unsqueeze(-1)).sum(0)  # [N, D_out]
     return out.to(x.dtype)
