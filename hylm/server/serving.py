@@ -453,10 +453,8 @@ async def chat_completion(state: ServerState, req: ChatCompletionRequest, receiv
     async def run() -> dict:
         gen = await _start(state, request_id, jobs)
         try:
-            async for i, out in gen.outputs():
-                _, _, matched = choices[i].feed(out)
-                if matched is not None and not out.finished:
-                    gen.finish(i, matched)
+            async for _ in _fed(gen, choices):
+                pass
         finally:
             await gen.close()
         out_choices = []
@@ -494,16 +492,12 @@ async def _chat_events(state: ServerState, gen: Generation, choices: list[ChatCh
     try:
         for c in choices:
             yield chunk(c.index, {"role": "assistant", "content": ""})
-        async for i, out in gen.outputs():
-            c = choices[i]
-            delta, entries, matched = c.feed(out)
-            if matched is not None and not out.finished:
-                gen.finish(i, matched)
+        async for c, (delta, entries, _) in _fed(gen, choices):
             d = _delta_dict(delta)
             if d or entries:
-                yield chunk(i, d, entries)
+                yield chunk(c.index, d, entries)
             if c.finish_reason is not None:
-                yield chunk(i, {}, None, c.finish_reason)
+                yield chunk(c.index, {}, None, c.finish_reason)
         if include_usage:
             usage = _usage(prompt_tokens, sum(c.num_tokens for c in choices))
             yield _sse({**head, "choices": [], "usage": usage})
@@ -513,6 +507,16 @@ async def _chat_events(state: ServerState, gen: Generation, choices: list[ChatCh
         await gen.close()
         _done(state, "/v1/chat/completions", started)
     yield _DONE
+
+
+async def _fed(gen: Generation, choices: list) -> AsyncIterator[tuple[Any, tuple]]:
+    """Every engine output fed to its choice -> (choice, what its feed returned); a stop string matched in a
+    choice's text ends that choice's request."""
+    async for i, out in gen.outputs():
+        fed = choices[i].feed(out)
+        if fed[2] is not None and not out.finished:
+            gen.finish(i, fed[2])
+        yield choices[i], fed
 
 
 def _done(state: ServerState, endpoint: str, started: float) -> None:
@@ -613,10 +617,8 @@ async def completion(state: ServerState, req: CompletionRequest, receive: Receiv
     async def run() -> dict:
         gen = await _start(state, request_id, jobs)
         try:
-            async for i, out in gen.outputs():
-                _, _, matched = choices[i].feed(out)
-                if matched is not None and not out.finished:
-                    gen.finish(i, matched)
+            async for _ in _fed(gen, choices):
+                pass
         finally:
             await gen.close()
         out_choices = [{"index": c.index, "text": "".join(c.text_parts), "logprobs": c.logprobs,
@@ -644,13 +646,9 @@ async def _completion_events(state: ServerState, gen: Generation, choices: list[
         for c in choices:
             if c.echo:
                 yield chunk(c.index, c.echo)
-        async for i, out in gen.outputs():
-            c = choices[i]
-            text, lp, matched = c.feed(out)
-            if matched is not None and not out.finished:
-                gen.finish(i, matched)
+        async for c, (text, lp, _) in _fed(gen, choices):
             if text or lp or c.finish_reason is not None:
-                yield chunk(i, text, lp, c.finish_reason)
+                yield chunk(c.index, text, lp, c.finish_reason)
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, sum(c.num_tokens for c in choices))})
     except EngineStopped as e:
