@@ -13,9 +13,11 @@ from hylm.ops import moe as moe_ops
 dense_path = moe_ops.dense_expert_mlp
 
 
-@pytest.mark.parametrize("n,k", [(2, 2), (3, 2), (5, 4)])
-def test_dense_path_matches_the_float64_loop(n, k):
+@pytest.mark.parametrize("n,k,repeat", [(2, 2, False), (3, 2, False), (5, 4, False), (4, 3, True)])
+def test_dense_path_matches_the_float64_loop(n, k, repeat):
     x, weights, ids, up, down = case(n, k, seed=n + 100 * k)
+    if repeat:  # one token naming an expert twice counts it twice, as the loop does
+        ids[:, -1] = ids[:, 0]
     got = moe_ops.dense_expert_mlp(x, weights, ids, up, down)
     assert got.shape == (n, down.shape[1]) and got.dtype == x.dtype
     torch.testing.assert_close(got.double(), reference(x, weights, ids, up, down), rtol=1e-5, atol=1e-5)

@@ -132,3 +132,23 @@ def test_no_weights(tmp_path):
 def test_generation_config_eos_ids_are_stop_ids(ckpt):
     (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 11]}))
     assert hylm.load_model(ckpt).config.eos_token_ids() == [2, 11]
+
+
+def test_random_init_sets_every_parameter_and_buffer():
+    """`load_model(config)` builds on the meta device and materialises with `to_empty` (uninitialised memory):
+    initialisation must set everything, router correction biases included (they once kept whatever the
+    memory held, so routing in random models differed from process to process)."""
+    from hylm.model import NemotronHModel
+    from hylm.model.init import init_weights
+
+    model = NemotronHModel(CFG)
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.fill_(float("nan"))
+        init_weights(model, CFG, seed=3)
+    state = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values()), [k for k, v in state.items() if not torch.isfinite(v).all()]
+    biases = [v for k, v in state.items() if k.endswith("e_score_correction_bias")]
+    assert biases and all((b == 0).all() for b in biases)
+    again = hylm.load_model(CFG, seed=3).state_dict()
+    assert all(torch.equal(state[k], again[k]) for k in state)

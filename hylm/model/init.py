@@ -13,7 +13,8 @@ from .norm import GatedRMSNorm, RMSNorm
 
 @torch.no_grad()
 def init_weights(model: torch.nn.Module, config: ModelConfig, seed: int = 0, std: float = 0.02) -> None:
-    """Normal(0, std) projections and embeddings, unit norms, Mamba-2's S4D-real A and log-uniform dt."""
+    """Normal(0, std) projections and embeddings, unit norms, Mamba-2's S4D-real A and log-uniform dt, zero
+    router correction biases. Every parameter and buffer is set: the model may come from `to_empty`."""
     gen = torch.Generator().manual_seed(seed)
     residual_scale = 1.0 / math.sqrt(2 * config.num_hidden_layers)
     for name, p in model.named_parameters():
@@ -25,6 +26,9 @@ def init_weights(model: torch.nn.Module, config: ModelConfig, seed: int = 0, std
         else:
             cpu.zero_()
         p.copy_(cpu)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.zero_()
     for module in model.modules():
         if isinstance(module, (RMSNorm, GatedRMSNorm)):
             module.weight.fill_(1.0)

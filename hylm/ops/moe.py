@@ -96,7 +96,7 @@ def dense_expert_mlp(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, 
     choose weighted 0: one GEMM over all up projections, one batched GEMM over the down projections."""
     n = x.shape[0]
     num_experts, inter, d_in = up.shape
-    gate = torch.zeros(n, num_experts, dtype=torch.float32, device=x.device).scatter_(1, ids, weights.float())
+    gate = torch.zeros(n, num_experts, dtype=torch.float32, device=x.device).scatter_add_(1, ids, weights.float())
     h = torch.relu(x @ up.reshape(num_experts * inter, d_in).t()).square()  # [N, E*I]
     h = h.view(n, num_experts, inter).transpose(0, 1)  # [E, N, I]
     y = torch.bmm(h, down.transpose(1, 2)).float()  # [E, N, D_out]
