@@ -4,7 +4,7 @@
     python3 benchmarks/bench_quantization.py --formats bf16,nvfp4 --n 20
 
 Formats: fp32 and bf16 (the checkpoint loaded in that dtype), fp8 / nvfp4 / mixed (`hylm quantize`, ModelOpt
-layout), q8_0 / q4_k (`hylm export-gguf`). Each is measured in its own subprocess: weight bytes held by the
+layout; nvfp4+search / mixed+search with `--nvfp4-scales search`), q8_0 / q4_k (`hylm export-gguf`). Each is measured in its own subprocess: weight bytes held by the
 model's tensors, resident memory (VmRSS growth while loading, and the whole process's), perplexity on the assistant tokens of held-out
 curriculum conversations, and greedy `hylm eval-tasks` accuracy per task (held-out seeds). Prints a markdown
 table with each format's mean task accuracy relative to bf16.
@@ -25,16 +25,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "hylm-tiny"
 ALL_FORMATS = ("fp32", "bf16", "fp8", "nvfp4", "mixed", "q8_0", "q4_k")
+# `FORMAT+search`: the same policy with least-squares NVFP4 block scales (`hylm quantize --nvfp4-scales search`)
+SEARCH = "+search"
 
 
 def prepare(fmt: str, model: Path, work: Path) -> tuple[str, str]:
     """(path to load, dtype to load it in) for one format; writes quantized copies under `work`."""
     if fmt in ("fp32", "bf16"):
         return str(model), fmt
-    if fmt in ("fp8", "nvfp4", "mixed"):
+    policy = fmt.removesuffix(SEARCH)
+    if policy in ("fp8", "nvfp4", "mixed"):
         out = work / fmt
-        subprocess.run([sys.executable, "-m", "hylm.cli", "quantize", str(model), str(out), "--format", fmt],
-                       check=True, stdout=subprocess.DEVNULL)
+        extra = ["--nvfp4-scales", "search"] if fmt.endswith(SEARCH) else []
+        subprocess.run([sys.executable, "-m", "hylm.cli", "quantize", str(model), str(out), "--format", policy,
+                        *extra], check=True, stdout=subprocess.DEVNULL)
         return str(out), "fp32"
     out = work / f"{fmt}.gguf"
     subprocess.run([sys.executable, "-m", "hylm.cli", "export-gguf", str(model), str(out), "--type", fmt],

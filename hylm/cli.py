@@ -602,6 +602,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="run this many random tokens through the model to set activation scales (input_scale, "
                         "unused by the CPU path; default 0: input_scale 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration tokens and of preset weights")
+    p.add_argument("--nvfp4-scales", choices=("amax", "search"), default="amax",
+                   help="NVFP4 block scales: amax (ModelOpt's rule, the default) or search (per block, the nearby "
+                        "E4M3 scale with the least squared error; same format, lower error)")
     p.add_argument("--max-shard-size", type=float, default=5.0, help="GB per safetensors shard (default 5)")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT_DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -623,7 +626,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     summary = quantize_checkpoint(args.model, args.out, fmt=args.format, dtype=args.dtype,
                                   calib_tokens=args.calib_tokens, seed=args.seed,
-                                  max_shard_bytes=int(args.max_shard_size * 1e9), progress=not args.no_progress)
+                                  max_shard_bytes=int(args.max_shard_size * 1e9), progress=not args.no_progress,
+                                  nvfp4_scale_search=args.nvfp4_scales == "search")
     m = summary["modules"]
     print(f"wrote {args.out}: quant_algo {summary['quant_algo']}, {m['nvfp4']} NVFP4 / {m['fp8']} FP8 / "
           f"{m['dense']} unquantized linear modules (experts counted per expert), "

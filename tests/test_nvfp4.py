@@ -8,8 +8,8 @@ import torch
 
 from hylm.model.quantized import FP8Linear, NVFP4Experts, NVFP4Linear, QuantizedExperts
 from hylm.ops.moe import grouped_expert_mlp
-from hylm.ops.nvfp4 import (dequantize_nvfp4, e2m1_decode, e2m1_encode, nvfp4_global_scale, nvfp4_grouped_expert_mlp,
-                            nvfp4_linear, pack_nibbles, quantize_nvfp4, unpack_nibbles)
+from hylm.ops.nvfp4 import (SEARCH_STEPS, dequantize_nvfp4, e2m1_decode, e2m1_encode, nvfp4_global_scale,
+                            nvfp4_grouped_expert_mlp, nvfp4_linear, pack_nibbles, quantize_nvfp4, unpack_nibbles)
 from hylm.ops.fp8 import tile_rows
 
 E2M1_DECODE = {0x0: 0.0, 0x1: 0.5, 0x2: 1.0, 0x3: 1.5, 0x4: 2.0, 0x5: 3.0, 0x6: 4.0, 0x7: 6.0,
@@ -90,6 +90,34 @@ def test_block_scales_hand_computed():
     deq = dequantize_nvfp4(packed, scales, gs)
     assert deq[3].abs().sum() == 0 and deq[5].abs().sum() == 0
     assert deq[4, 0].item() == 6 * 448.0
+
+
+def test_scale_search_hand_computed_block():
+    """[7, 2.5 x 15], global 1: the amax rule takes e4m3(7/6 = 1.167) = 1.125 (0x39) and dequantises to
+    6.75 and 2.25 (squared error 0.0625 x 16 = 1.0); one E4M3 step up, 1.25 (0x3A), gives 7.5 and exactly
+    2.5 (error 0.25), so the search takes it. Codes are 6 and 2 either way."""
+    row = torch.tensor([[7.0] + [2.5] * 15])
+    for search, scale, values in ((False, 0x39, [6.75, 2.25]), (True, 0x3A, [7.5, 2.5])):
+        packed, scales, _ = quantize_nvfp4(row, global_scale=1.0, scale_search=search)
+        assert scales.view(torch.uint8).tolist() == [[scale]]
+        assert packed.tolist() == [[0x47] + [0x44] * 7]
+        assert dequantize_nvfp4(packed, scales, 1.0).tolist() == [[values[0]] + [values[1]] * 15]
+
+
+def test_scale_search_never_increases_a_block_error():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 256, generator=g) ** 3  # heavy tails: the amax rule's weak spot
+    w[3, 16:32] = 0.0  # an all-zero block stays at scale 0
+    plain = quantize_nvfp4(w)
+    searched = quantize_nvfp4(w, scale_search=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, quantize_nvfp4(w, scale_search=False)))
+    assert torch.equal(plain[2], searched[2])  # same global scale
+    err = [((dequantize_nvfp4(*q) - w) ** 2).reshape(64, 16, 16).sum(-1) for q in (plain, searched)]
+    assert (err[1] <= err[0]).all() and err[1].sum() < 0.95 * err[0].sum()
+    assert searched[1].view(torch.uint8)[3, 1] == 0 and (dequantize_nvfp4(*searched)[3, 16:32] == 0).all()
+    # every chosen scale is the amax one or within SEARCH_STEPS below / one above it
+    step = searched[1].view(torch.uint8).int() - plain[1].view(torch.uint8).int()
+    assert step.min() >= -SEARCH_STEPS and step.max() <= 1 and (step != 0).any()
 
 
 def test_global_scale_and_zero_tensor():

@@ -98,10 +98,10 @@ class NVFP4Linear(_QuantizedLinear):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, input_amax: float | None = None,
-                    global_scale: float | torch.Tensor | None = None) -> "NVFP4Linear":
+                    global_scale: float | torch.Tensor | None = None, scale_search: bool = False) -> "NVFP4Linear":
         w = linear.weight
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=w.dtype, device=w.device)
-        m.weight, m.weight_scale, m.weight_scale_2 = quantize_nvfp4(w, global_scale)
+        m.weight, m.weight_scale, m.weight_scale_2 = quantize_nvfp4(w, global_scale, scale_search=scale_search)
         if linear.bias is not None:
             m.bias.copy_(linear.bias)
         m.input_scale.fill_(input_scale_for(NVFP4, input_amax))
@@ -125,7 +125,8 @@ class FP8Linear(_QuantizedLinear):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, input_amax: float | None = None) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, input_amax: float | None = None, scale_search: bool = False
+                    ) -> "FP8Linear":
         w = linear.weight
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=w.dtype, device=w.device)
         m.weight, m.weight_scale = quantize_fp8(w)
@@ -223,8 +224,10 @@ class QuantizedExperts(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_experts(cls, experts: Experts, up_format: str | None, down_format: str | None,
-                     input_amax: dict[str, list[float | None]] | None = None) -> "QuantizedExperts":
-        """Quantise dense Experts; input_amax: projection -> per-expert activation amax (None unknown)."""
+                     input_amax: dict[str, list[float | None]] | None = None, scale_search: bool = False
+                     ) -> "QuantizedExperts":
+        """Quantise dense Experts; input_amax: projection -> per-expert activation amax (None unknown);
+        scale_search: NVFP4 block scales by least squares (see hylm.ops.nvfp4)."""
         e, i, d = experts.up_proj.shape
         p = experts.up_proj
         m = cls(e, d, i, up_format, down_format, dtype=p.dtype, device=p.device)
@@ -236,7 +239,7 @@ class QuantizedExperts(nn.Module):
             amax = (input_amax or {}).get(proj) or [None] * e
             for k in range(e):
                 if fmt == NVFP4:
-                    q, s, s2 = quantize_nvfp4(dense[k])
+                    q, s, s2 = quantize_nvfp4(dense[k], scale_search=scale_search)
                     getattr(m, f"{proj}_weight_scale_2")[k] = s2
                 else:
                     q, s = quantize_fp8(dense[k])
@@ -416,24 +419,26 @@ def plan_model(model: nn.Module, policy: str | QuantPolicy) -> dict[str, str | t
 @torch.no_grad()
 def quantize_model(model: nn.Module, policy: str | QuantPolicy = "nvfp4",
                    input_amax: dict[str, float] | None = None,
-                   progress: Callable[[Iterable], Iterable] | None = None) -> nn.Module:
+                   progress: Callable[[Iterable], Iterable] | None = None, nvfp4_scale_search: bool = False
+                   ) -> nn.Module:
     """Replace, in place, the dense Linear layers and routed experts the policy selects by packed NVFP4 /
     FP8 modules (already-quantised modules are left alone). input_amax: activation amax per module (from
-    calibrate_input_amax) for the exported input_scale; 1.0 where unknown. Returns the model."""
+    calibrate_input_amax) for the exported input_scale; 1.0 where unknown. nvfp4_scale_search: NVFP4 block
+    scales chosen by least squares instead of ModelOpt's amax rule (same format). Returns the model."""
     input_amax = input_amax or {}
     plan = plan_model(model, policy)
     items = list(plan.items())
     for name, fmt in (progress(items) if progress else items):
         module = model.get_submodule(name)
         if isinstance(fmt, str):
-            new = QUANTIZED_LINEAR[fmt].from_linear(module, input_amax.get(name))
+            new = QUANTIZED_LINEAR[fmt].from_linear(module, input_amax.get(name), scale_search=nvfp4_scale_search)
         else:
             e = module.up_proj.shape[0]
             amax = {proj: [input_amax.get(f"{name}.{k}.{proj}") for k in range(e)] for proj in PROJECTIONS}
             for proj in PROJECTIONS:  # experts no calibration token reached: the layer's largest
                 known = [a for a in amax[proj] if a]
                 amax[proj] = [a or (max(known) if known else None) for a in amax[proj]]
-            new = QuantizedExperts.from_experts(module, fmt[0], fmt[1], amax)
+            new = QuantizedExperts.from_experts(module, fmt[0], fmt[1], amax, scale_search=nvfp4_scale_search)
         _replace(model, name, new.requires_grad_(False))
         del module
     return model

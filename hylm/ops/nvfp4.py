@@ -21,6 +21,10 @@ one with the EVEN code (mantissa bit 0), i.e. IEEE round-half-to-even for this 1
 magnitudes above 6 saturate to 6 (a block whose scale saturated at 448, or a caller-given global scale
 that is too small); the sign is kept even when the magnitude rounds to 0 (-0.1 -> 0x8, i.e. -0.0,
 exactly as an IEEE conversion does), so dequantise -> quantise reproduces the codes.
+With ``scale_search=True`` (hylm's quantizer; the format is unchanged) each block instead takes, among that
+scale and the SEARCH_STEPS E4M3 values below and one above it, the one whose dequantised block has the least
+squared error: a slightly smaller scale clips the block's largest element but places the other 15 on a finer
+grid, which usually wins (the same trade llama.cpp's k-quant scale search makes).
 A block whose scale is 0 (an all-zero block, or one below 2^-10 * 6 * global, too small for E4M3)
 encodes +0 everywhere. An all-zero tensor gets global scale 1.0 (any positive value would do).
 `in` must be a multiple of 16 (ModelOpt's block size): other widths raise ValueError instead of padding,
@@ -111,12 +115,35 @@ def _check_in_features(in_features: int) -> None:
                          f"got {in_features}; keep this layer unquantised or use FP8")
 
 
-def quantize_nvfp4(w: torch.Tensor, global_scale: float | torch.Tensor | None = None
+SEARCH_STEPS = 4  # E4M3 values below the amax scale tried by the scale search (plus one above)
+
+
+def _searched_scales(wc: torch.Tensor, s8: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    """Per block [n, nb], the E4M3 scale near s8 that minimises the block's squared error."""
+    bits = s8.view(torch.uint8).to(torch.int16)  # positive E4M3: the bit pattern grows with the value
+    best, best_err = s8, None
+    for step in range(-SEARCH_STEPS, 2):
+        cand = (bits + step).clamp(0, 0x7E).to(torch.uint8).view(torch.float8_e4m3fn)  # 0x7E is 448
+        cand = torch.where(bits == 0, s8, cand)  # all-zero (or too small) blocks stay at 0
+        d = (cand.float() * gs).unsqueeze(-1)  # [n, nb, 1]
+        safe = torch.where(d == 0, torch.ones_like(d), d)
+        err = ((e2m1_decode(e2m1_encode(wc / safe)) * d - wc) ** 2).sum(-1)  # [n, nb]
+        if best_err is None:
+            best, best_err = cand, err
+        else:
+            better = err < best_err
+            best = torch.where(better, cand, best)
+            best_err = torch.where(better, err, best_err)
+    return best
+
+
+def quantize_nvfp4(w: torch.Tensor, global_scale: float | torch.Tensor | None = None, scale_search: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W [out, in] -> (packed uint8 [out, in/2], scales float8_e4m3fn [out, in/16], global f32 scalar).
 
-    global_scale defaults to amax(|W|) / (6 * 448). Works on bounded row chunks, so the temporary memory
-    stays small whatever the size of W.
+    global_scale defaults to amax(|W|) / (6 * 448). scale_search: per-block least-squares choice among
+    nearby E4M3 scales (see the module doc) instead of ModelOpt's amax rule. Works on bounded row chunks,
+    so the temporary memory stays small whatever the size of W.
     """
     if w.ndim != 2:
         raise ValueError(f"quantize_nvfp4 expects a 2-D weight [out, in], got shape {list(w.shape)}")
@@ -137,6 +164,8 @@ def quantize_nvfp4(w: torch.Tensor, global_scale: float | torch.Tensor | None = 
         wc = w[r: r + rows].float().contiguous().reshape(-1, nb, BLOCK)  # [n, nb, 16]
         block_amax = wc.abs().amax(dim=-1)  # [n, nb]
         s8 = to_e4m3(block_amax / (E2M1_MAX * gsd))
+        if scale_search:
+            s8 = _searched_scales(wc, s8, gsd)
         d = s8.float() * gsd  # dequantisation factor of each block
         zero = d == 0
         v = wc / torch.where(zero, torch.ones_like(d), d).unsqueeze(-1)

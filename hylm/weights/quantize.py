@@ -178,11 +178,13 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
 
 def quantize_checkpoint(model_path: str | os.PathLike, out: str | os.PathLike, fmt: str = "nvfp4",
                         dtype: str | torch.dtype = "bf16", calib_tokens: int = 0, seed: int = 0,
-                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> dict[str, Any]:
+                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
+                        nvfp4_scale_search: bool = False) -> dict[str, Any]:
     """Load a model (directory or preset), quantise it with a preset policy ("nvfp4", "fp8", "mixed") and
     write a ModelOpt checkpoint to `out` (tokenizer files copied). calib_tokens > 0 runs that many
     random tokens through the dense model first to record activation amax for `input_scale`
-    (otherwise 1.0). Returns a summary."""
+    (otherwise 1.0). nvfp4_scale_search: least-squares NVFP4 block scales (hylm.ops.nvfp4). Returns a
+    summary."""
     from tqdm import tqdm
 
     from ..loader import load_model, parse_dtype
@@ -199,7 +201,7 @@ def quantize_checkpoint(model_path: str | os.PathLike, out: str | os.PathLike, f
     def bar(items):
         return tqdm(items, desc=f"quantizing ({fmt})", unit="module", disable=not progress)
 
-    quantize_model(model, policy, input_amax=amax, progress=bar)
+    quantize_model(model, policy, input_amax=amax, progress=bar, nvfp4_scale_search=nvfp4_scale_search)
     section = save_modelopt_checkpoint(model, out, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress)
     copied = copy_tokenizer_files(model_path, out)
     formats = module_formats(model)
