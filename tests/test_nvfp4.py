@@ -1,7 +1,13 @@
 """NVFP4: bit-exact E2M1 codes, nibble order, block scales and global scale against hand-computed tables;
 packed round trips; nvfp4_linear and the NVFP4 routed experts against dense references; packed modules."""
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +254,108 @@ def test_portable_dequant_path_matches_fast_path(monkeypatch):
     monkeypatch.setattr(fp8_ops, "_LITTLE_ENDIAN", False)
     assert torch.equal(dequantize_nvfp4(packed, scales, gs), fast)
     assert torch.equal(decode_fp8_cpu(w8), fast8) and torch.equal(fast8, w8.float())
+
+
+def test_nvfp4_linear_backend_choice():
+    g = torch.Generator().manual_seed(7)
+    packed, scales, gs = quantize_nvfp4(torch.randn(8, 32, generator=g))
+    x = torch.randn(2, 32, generator=g)
+    assert torch.equal(nvfp4_linear(x, packed, scales, gs, backend="torch"), nvfp4_linear(x, packed, scales, gs))
+    import hylm.ops.nvfp4 as nvfp4_ops
+    assert nvfp4_ops._use_triton("auto", x) is False  # CPU tensors stay on the torch path
+    with pytest.raises(ValueError, match="backend"):
+        nvfp4_linear(x, packed, scales, gs, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton weight-only GEMM, run by the interpreter on the CPU in a subprocess (TRITON_INTERPRET must be
+# set before triton is imported, and must not leak into other tests)
+# ---------------------------------------------------------------------------------------------------
+
+NVFP4_TRITON_SCRIPT = textwrap.dedent("""
+    import torch
+    from hylm.ops.nvfp4 import (dequantize_nvfp4, nvfp4_global_scale, nvfp4_linear, pack_nibbles,
+                                quantize_nvfp4, unpack_nibbles)
+    from hylm.ops.triton_nvfp4 import nvfp4_linear_triton
+    g = torch.Generator().manual_seed(11)
+    cases = 0
+
+    def weight(n, k, saturate):
+        w = torch.randn(n, k, generator=g) * (0.1 + torch.rand(n, 1, generator=g))
+        w[0, 16:32] = 0.0  # an all-zero block: scale 0
+        w[1, :16] = -0.001 * torch.rand(16, generator=g)  # tiny negatives next to a big value: code 8 (-0.0)
+        w[1, 5] = 3.0
+        # a global scale 16x too small saturates most block scales at 448 and their codes at 6
+        q = quantize_nvfp4(w, nvfp4_global_scale(w) / 16 if saturate else None)
+        codes, sbits = unpack_nibbles(q[0]), q[1].view(torch.uint8)
+        assert (codes[1, :16] == 8).sum() == 15 and sbits[0, 1] == 0
+        if saturate:  # (without, only the block holding the tensor's amax has scale 448)
+            assert (sbits == 0x7E).sum() > n * k // 32
+        return q
+
+    def check(name, got, ref, dtype):
+        global cases
+        assert got.dtype == ref.dtype and got.shape == ref.shape, (name, got.dtype, got.shape)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        scale = ref.float().abs().amax().clamp(min=1.0)  # saturated weights give outputs in the thousands
+        torch.testing.assert_close(got.float() / scale, ref.float() / scale, **tol, msg=name)
+        cases += 1
+
+    for n in (16, 40):
+        for k in (32, 80):
+            for saturate in (False, True):
+                packed, scales, gs = weight(n, k, saturate)
+                w = dequantize_nvfp4(packed, scales, gs)
+                for m in (1, 3, 33):
+                    for dtype in (torch.float32, torch.bfloat16):
+                        x = torch.randn(m, k, generator=g).to(dtype)
+                        for bias in (None, torch.randn(n, generator=g)):
+                            name = f"m={m} n={n} k={k} sat={saturate} {dtype} bias={bias is not None}"
+                            ref = nvfp4_linear(x, packed, scales, gs, bias, backend="torch")
+                            dense = x.float() @ w.t() + (0 if bias is None else bias)
+                            got = nvfp4_linear(x, packed, scales, gs, bias, backend="triton")
+                            check(name, got, ref, dtype)
+                            check(name + " dense", got, dense.to(dtype), dtype)
+                            # small tiles: several K blocks with a partial last one, partial N tiles
+                            small = nvfp4_linear_triton(x, packed, scales, gs, bias, block_m=16, block_n=16,
+                                                        block_k=32)
+                            check(name + " small tiles", small, ref, dtype)
+
+    # every non-NaN E4M3 scale byte and every E2M1 code, read back through x = I: bit-exact
+    codes = (torch.arange(254 * 32).reshape(254, 32) * 7 + torch.arange(254)[:, None]) % 16
+    packed = pack_nibbles(codes.to(torch.uint8))
+    sbits = torch.stack([torch.arange(254), torch.arange(253, -1, -1)], 1)  # [254, 2]
+    sbits = torch.where(sbits >= 0x7F, sbits + 1, sbits).to(torch.uint8)  # skip 0x7F, keep 0x80..0xFE
+    scales = sbits.view(torch.float8_e4m3fn)
+    eye = torch.eye(32)
+    got = nvfp4_linear_triton(eye, packed, scales, 1.0)
+    assert torch.equal(got.t(), dequantize_nvfp4(packed, scales, 1.0)), "decode tables"
+    # the NaN scale byte poisons its output column, as in the reference
+    scales_nan = scales.clone()
+    scales_nan.view(torch.uint8)[3, 0] = 0x7F
+    got = nvfp4_linear_triton(eye, packed, scales_nan, 1.0)
+    assert got[:, 3].isnan().all() and not got[:, :3].isnan().any()
+
+    # leading dims, fp16, a non-contiguous x, a float global scale, a strided bias
+    packed, scales, gs = weight(40, 64, False)
+    x = torch.randn(2, 3, 64, generator=g).half()
+    y = nvfp4_linear(x, packed, scales, gs.item(), backend="triton")
+    assert y.shape == (2, 3, 40) and y.dtype == torch.float16
+    check("fp16 3-d", y, nvfp4_linear(x, packed, scales, gs, backend="torch"), torch.float16)
+    xt = torch.randn(64, 5, generator=g).t()  # [5, 64] with stride (1, 5)
+    bias = torch.randn(40, 2, generator=g)[:, 1]
+    check("strided", nvfp4_linear_triton(xt, packed, scales, gs, bias),
+          nvfp4_linear(xt, packed, scales, gs, bias, backend="torch"), torch.float32)
+    print("TRITON_OK", cases)
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_nvfp4_linear_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    here = Path(__file__).resolve().parent
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", NVFP4_TRITON_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=here)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "TRITON_OK 290" in proc.stdout

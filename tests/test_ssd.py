@@ -1,5 +1,13 @@
 """Tests for the Mamba-2 SSD ops against a float64 token-by-token reference."""
 
+import importlib.util
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,3 +185,192 @@ def test_ssd_steps_keeps_every_state_of_the_float64_loop(t, groups):
         y_ref, h_ref = ssd_reference(x[:, : j + 1], dt[:, : j + 1], A, B[:, : j + 1], C[:, : j + 1], D, h0)
         torch.testing.assert_close(states[:, j].double(), h_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(y[:, j].double(), y_ref[:, j], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# varlen prefill and state-pool decode on the torch path
+# ---------------------------------------------------------------------------------------------------
+
+def make_varlen_inputs(lens, H=4, P=8, G=2, N=8, with_state=True, seed=0):
+    """One packed row of sequences with the given lengths; s0 is [len(lens), H, P, N] or None."""
+    x, dt, A, B, C, D, _ = make_inputs(b=1, T=sum(lens), H=H, P=P, G=G, N=N, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1000)
+    s0 = torch.randn(len(lens), H, P, N, generator=g) if with_state else None
+    cu = torch.tensor([0, *itertools.accumulate(lens)])
+    return x, dt, A, B, C, D, s0, cu
+
+
+def varlen_reference(x, dt, A, B, C, D, s0, cu):
+    """The float64 token loop run on each packed sequence on its own: (y [1, T, H, P], finals [n, H, P, N])."""
+    bounds = cu.tolist()
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    finals = []
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        y[:, lo:hi], h = ssd_reference(x[:, lo:hi], dt[:, lo:hi], A, B[:, lo:hi], C[:, lo:hi], D,
+                                       None if s0 is None else s0[i: i + 1])
+        finals.append(h)
+    return y, torch.cat(finals)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunked_varlen_matches_each_sequence_alone(with_state):
+    lens = [5, 0, 17, 9, 1]
+    x, dt, A, B, C, D, s0, cu = make_varlen_inputs(lens, with_state=with_state, seed=41)
+    y, s = ssd_chunked(x, dt, A, B, C, chunk_size=8, D=D, initial_state=s0, cu_seqlens=cu, backend="torch")
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert s.shape == (len(lens), 4, 8, 8) and s.dtype == torch.float32
+    y_ref, s_ref = varlen_reference(x, dt, A, B, C, D, s0, cu)
+    assert_close_scaled(y, y_ref)
+    assert_close_scaled(s, s_ref)
+    if with_state:  # the empty sequence passes its state through unchanged
+        torch.testing.assert_close(s[1], s0[1], rtol=0, atol=0)
+
+
+def test_chunked_varlen_rejects_bad_arguments():
+    x, dt, A, B, C, D, s0, cu = make_varlen_inputs([3, 4], seed=42)
+    with pytest.raises(ValueError, match="initial_state"):
+        ssd_chunked(x, dt, A, B, C, 8, D=D, initial_state=s0[:1], cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        ssd_chunked(x, dt, A, B, C, 8, cu_seqlens=torch.tensor([0, 3, 6]))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        ssd_chunked(x, dt, A, B, C, 8, cu_seqlens=torch.tensor([0.0, 7.0]))
+    x2, dt2, A2, B2, C2, *_ = make_inputs(b=2, T=7, G=2, N=8)
+    with pytest.raises(ValueError, match="b = 1"):
+        ssd_chunked(x2, dt2, A2, B2, C2, 8, cu_seqlens=cu)
+
+
+def test_step_state_indices_updates_only_those_pool_rows():
+    H, P, N, G = 4, 8, 8, 2
+    x, dt, A, B, C, D, _ = make_inputs(b=3, T=1, H=H, P=P, G=G, N=N, seed=43)
+    pool = torch.randn(6, H, P, N, generator=torch.Generator().manual_seed(44))
+    before = pool.clone()
+    slots = torch.tensor([4, 1, 3])
+    y = ssd_step(pool, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=D, state_indices=slots, backend="torch")
+    for i, slot in enumerate(slots.tolist()):
+        row = before[slot: slot + 1].clone()  # [1, H, P, N]
+        y_i = ssd_step(row, x[i: i + 1, 0], dt[i: i + 1, 0], A, B[i: i + 1, 0], C[i: i + 1, 0], D=D)
+        torch.testing.assert_close(y[i: i + 1], y_i, rtol=0, atol=0)
+        torch.testing.assert_close(pool[slot: slot + 1], row, rtol=0, atol=0)
+    for slot in (0, 2, 5):
+        assert torch.equal(pool[slot], before[slot])
+
+
+def test_step_rejects_bad_state_indices():
+    x, dt, A, B, C, D, _ = make_inputs(b=2, T=1, N=8, seed=45)
+    pool = torch.zeros(5, 4, 8, 8)
+    with pytest.raises(ValueError, match="state_indices"):
+        ssd_step(pool, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state_indices=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="rows"):
+        ssd_step(pool, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+
+
+def test_backend_argument():
+    import hylm.ops.ssd as ssd
+
+    assert ssd._use_triton("auto", torch.zeros(1)) is False
+    x, dt, A, B, C, _, _ = make_inputs(b=1, T=3, N=8)
+    with pytest.raises(ValueError, match="backend"):
+        ssd_chunked(x, dt, A, B, C, 8, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels, run by the interpreter on the CPU in a subprocess (TRITON_INTERPRET must be set before
+# triton is imported, and must not leak into other tests)
+# ---------------------------------------------------------------------------------------------------
+
+TRITON_SCRIPT = textwrap.dedent("""
+    import torch, test_ssd as t
+    from hylm.ops.ssd import ssd_chunked, ssd_reference, ssd_step
+    cases = 0
+
+    def check(name, got, want, rtol=1e-5):
+        global cases
+        print("case", name, flush=True)
+        assert got[0].dtype == got[1].dtype == torch.float32, name
+        for g, w in zip(got, want):
+            assert g.shape == w.shape, (name, g.shape, w.shape)
+            assert torch.isfinite(g).all(), name
+            if w.numel():
+                t.assert_close_scaled(g, w, rtol)
+        cases += 1
+
+    # dense prefill: T below / at / past chunk multiples, groups, D and initial state on and off,
+    # P over several P blocks with N not a power of two
+    for b, T, H, P, G, N, chunk, with_d, with_state in (
+        (2, 37, 4, 8, 2, 8, 16, True, True), (2, 1, 4, 8, 1, 8, 8, False, False),
+        (1, 40, 4, 8, 4, 8, 8, True, False), (1, 32, 4, 8, 1, 8, 16, False, True),
+        (1, 20, 2, 40, 1, 20, 16, True, True),
+    ):
+        x, dt, A, B, C, D, s0 = t.make_inputs(b=b, T=T, H=H, P=P, G=G, N=N, with_state=with_state, seed=T + G)
+        D = D if with_d else None
+        got = ssd_chunked(x, dt, A, B, C, chunk, D=D, initial_state=s0, backend="triton")
+        check(f"dense T={T} G={G} P={P}", got, ssd_reference(x, dt, A, B, C, D, s0))
+
+    # views of one fused projection (the model's layout), dt through a transposed copy
+    x, dt, A, B, C, D, s0 = t.make_inputs(b=2, T=19, G=2, N=8, with_state=True, seed=5)
+    fused = torch.cat([x.flatten(2), B.flatten(2), C.flatten(2), torch.randn(2, 19, 3)], -1)
+    xv = fused[..., :32].unflatten(-1, (4, 8))  # [2, 19, 4, 8] view
+    Bv, Cv = fused[..., 32:48].unflatten(-1, (2, 8)), fused[..., 48:64].unflatten(-1, (2, 8))  # [2, 19, 2, 8] views
+    dtv = dt.transpose(0, 1).contiguous().transpose(0, 1)
+    got = ssd_chunked(xv, dtv, A, Bv, Cv, 16, D=D, initial_state=s0, backend="triton")
+    check("strided views", got, ssd_reference(x, dt, A, B, C, D, s0))
+
+    # very fast decay stays finite; no tokens at all
+    x, dt, A, B, C, D, s0 = t.make_inputs(b=1, T=40, with_state=True, N=8, seed=6)
+    dt, A = dt * 0 + 50.0, A * 10
+    check("strong decay", ssd_chunked(x, dt, A, B, C, 16, D=D, initial_state=s0, backend="triton"),
+          ssd_reference(x, dt, A, B, C, D, s0))
+    x, dt, A, B, C, D, s0 = t.make_inputs(b=2, T=0, N=8, with_state=True, seed=7)
+    check("T=0", ssd_chunked(x, dt, A, B, C, 16, D=D, initial_state=s0, backend="triton"), (x.double(), s0))
+
+    # bf16 inputs, computed in fp32 (the reference sees the same rounded inputs)
+    x, dt, A, B, C, D, s0 = t.make_inputs(b=2, T=23, G=2, N=8, with_state=True, seed=8)
+    x, dt, B, C = (v.to(torch.bfloat16) for v in (x, dt, B, C))
+    check("bf16", ssd_chunked(x, dt, A, B, C, 8, D=D, initial_state=s0, backend="triton"),
+          ssd_reference(x, dt, A, B, C, D, s0), rtol=1e-4)
+
+    # varlen: unequal lengths, an empty sequence first and inside, a sequence longer than two chunks
+    for lens, with_state, with_d, seed in (([7, 0, 23, 1], True, True, 9), ([0, 16, 21], False, False, 10)):
+        x, dt, A, B, C, D, s0, cu = t.make_varlen_inputs(lens, with_state=with_state, seed=seed)
+        D = D if with_d else None
+        got = ssd_chunked(x, dt, A, B, C, 8, D=D, initial_state=s0, cu_seqlens=cu, backend="triton")
+        check(f"varlen {lens}", got, t.varlen_reference(x, dt, A, B, C, D, s0, cu))
+        torch_path = ssd_chunked(x, dt, A, B, C, 8, D=D, initial_state=s0, cu_seqlens=cu, backend="torch")
+        check(f"varlen {lens} vs torch", got, torch_path)
+
+    # decode: several steps of a dense batch against the float64 loop
+    x, dt, A, B, C, D, s0 = t.make_inputs(b=3, T=5, G=2, N=8, with_state=True, seed=11)
+    state = s0.clone()
+    ys = torch.stack([ssd_step(state, x[:, i], dt[:, i], A, B[:, i], C[:, i], D=D, backend="triton")
+                      for i in range(5)], 1)
+    check("step dense", (ys, state), ssd_reference(x, dt, A, B, C, D, s0))
+
+    # decode into a pool by slot: unsorted, non-contiguous slots; the other rows stay bit-identical
+    for dtype, idx_dtype, with_d, rtol in ((torch.float32, torch.int64, True, 1e-5),
+                                           (torch.bfloat16, torch.int32, False, 1e-4)):
+        x, dt, A, B, C, D, _ = t.make_inputs(b=3, T=1, G=2, N=8, seed=12)
+        fused = torch.cat([x[:, 0].flatten(1), B[:, 0].flatten(1), C[:, 0].flatten(1)], -1).to(dtype)
+        xv = fused[:, :32].unflatten(-1, (4, 8))  # [3, 4, 8] view
+        Bv, Cv = fused[:, 32:48].unflatten(-1, (2, 8)), fused[:, 48:].unflatten(-1, (2, 8))  # [3, 2, 8] views
+        D = D if with_d else None
+        pool = torch.randn(7, 4, 8, 8)
+        want_pool = pool.clone()
+        slots = torch.tensor([5, 0, 3], dtype=idx_dtype)
+        y = ssd_step(pool, xv, dt[:, 0].to(dtype), A, Bv, Cv, D=D, state_indices=slots, backend="triton")
+        y_t = ssd_step(want_pool, xv, dt[:, 0].to(dtype), A, Bv, Cv, D=D, state_indices=slots, backend="torch")
+        check(f"step pool {dtype}", (y, pool), (y_t, want_pool), rtol)
+        untouched = [1, 2, 4, 6]
+        assert torch.equal(pool[untouched], want_pool[untouched])
+    print("TRITON_OK", cases)
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_ssd_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    here = Path(__file__).resolve().parent
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=here)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "TRITON_OK 16" in proc.stdout

@@ -61,6 +61,8 @@ from typing import Optional
 
 import torch
 
+from . import backend as _backend
+
 Tensor = torch.Tensor
 
 __all__ = ["gated_delta_recurrent", "gated_delta_chunked", "l2norm", "triton_available"]
@@ -74,18 +76,8 @@ def l2norm(x: Tensor, eps: float = L2_EPS) -> Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-_TRITON: Optional[bool] = None
-
-
 def triton_available() -> bool:
-    global _TRITON
-    if _TRITON is None:
-        try:
-            from . import triton_gated_delta  # noqa: F401
-            _TRITON = True
-        except Exception:  # triton missing or unusable
-            _TRITON = False
-    return _TRITON
+    return _backend.triton_available("triton_gated_delta")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,15 +160,7 @@ def _prep_qk(q: Tensor, k: Tensor, acc: torch.dtype, scale: float, l2norm_qk: bo
 
 
 def _use_triton(backend: str, x: Tensor) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("backend='triton' needs the triton package")
-        return True
-    if backend != "auto":
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    return x.is_cuda and triton_available()
+    return _backend.use_triton(backend, x, "triton_gated_delta")
 
 
 # ---------------------------------------------------------------------------------------------------

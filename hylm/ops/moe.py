@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from . import backend as _backend
+
+
+def triton_available() -> bool:
+    return _backend.triton_available("triton_moe")
+
+
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    return _backend.use_triton(backend, x, "triton_moe")
+
 
 def route_sigmoid_topk(
     logits: torch.Tensor,
@@ -50,6 +60,7 @@ def grouped_expert_mlp(
     ids: torch.Tensor,
     up: torch.Tensor,
     down: torch.Tensor,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """sum_k weights[:, k] * down[e_k] @ relu(up[e_k] @ x)^2 with tokens grouped per expert.
 
@@ -57,8 +68,12 @@ def grouped_expert_mlp(
     so that each expert runs one GEMM over all of its tokens; the loop is over experts that received
     tokens, never over tokens. Few tokens that reach every expert on average, with experts so small that all of
     them together cost little (see DENSE_MAX_MACS), take `dense_expert_mlp` instead. Accumulates in fp32;
-    returns [N, D_out] in x's dtype.
+    returns [N, D_out] in x's dtype. backend: "auto" (the fused Triton kernels of `triton_moe` on CUDA
+    tensors when triton is importable, else torch), "torch" or "triton".
     """
+    if _use_triton(backend, x):  # before the paths below: they read expert ids or counts back to the host
+        from .triton_moe import fused_moe_triton
+        return fused_moe_triton(x, weights, ids, up, down)
     n, k = ids.shape
     num_experts, inter, d_in = up.shape
     if 1 < n and n * k >= num_experts and n * num_experts * inter * d_in <= DENSE_MAX_MACS:

@@ -40,6 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import backend as _backend
 from .fp8 import _E4M3_VALUES_NP, _check_finite, _untranspose, e4m3_decode, tile_rows, to_e4m3
 
 BLOCK = 16
@@ -209,17 +210,32 @@ def dequantize_nvfp4(packed: torch.Tensor, scales: torch.Tensor, global_scale: f
     return out
 
 
+def triton_available() -> bool:
+    return _backend.triton_available("triton_nvfp4")
+
+
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    return _backend.use_triton(backend, x, "triton_nvfp4")
+
+
 def nvfp4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, global_scale: float | torch.Tensor,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """x [..., in] @ dequantize_nvfp4(...).T + bias -> [..., out] in x's dtype, computed in fp32.
 
     Row tiles of the packed weight (about 2 MiB of fp32 each) are dequantised one at a time and
     multiplied; the global scale is applied to the output. The full fp32 weight never exists.
+    backend: "auto" (Triton on CUDA when importable, else torch), "torch" or "triton" (the packed weight
+    is decoded in registers, see hylm.ops.triton_nvfp4; same products, summed in another order).
     """
     out_f, in_f = packed.shape[0], packed.shape[1] * 2
     if x.shape[-1] != in_f:
         raise ValueError(f"nvfp4_linear: input has {x.shape[-1]} features, the weight expects {in_f}")
     lead = x.shape[:-1]
+    if _use_triton(backend, x):
+        from .triton_nvfp4 import nvfp4_linear_triton
+        _check_packed(packed, scales)
+        y = nvfp4_linear_triton(x.reshape(-1, in_f), packed, scales, global_scale, bias)  # [N, out]
+        return y.reshape(*lead, out_f)
     xt = x.reshape(-1, in_f).float().t()  # [in, N]
     yt = torch.empty(out_f, xt.shape[1], dtype=torch.float32, device=x.device)  # y transposed
     rows = tile_rows(in_f)

@@ -14,19 +14,37 @@ Shapes (``b`` batch, ``T`` time, ``H`` heads, ``P`` head dim, ``G`` groups,
 
 Heads are always handled as ``[G, R]`` with ``R = H // G`` so that B and C are
 broadcast over the heads of a group instead of being copied per head.
+
+Varlen prefill: with ``cu_seqlens`` ([n_seqs + 1] int, rising from 0 to T) the batch is one row (b = 1)
+of packed sequences; sequence i owns tokens cu_seqlens[i]:cu_seqlens[i+1] and its own initial and final
+state row ([n_seqs, H, P, N]). Empty sequences pass their state through.
+
+Decode against a state pool: with ``state_indices`` ([b] int, distinct) ``ssd_step`` updates rows
+state_indices[i] of the pool [num_slots, H, P, N] in place and leaves the other rows untouched.
+
+``ssd_chunked`` and ``ssd_step`` take ``backend``: "auto" (the Triton kernels of `triton_ssd` on CUDA
+tensors when triton is importable, else torch), "torch" or "triton".
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from . import backend as _backend
+
 Tensor = torch.Tensor
 
-__all__ = ["segsum", "ssd_chunked", "ssd_step", "ssd_steps", "ssd_reference"]
+__all__ = ["segsum", "ssd_chunked", "ssd_step", "ssd_steps", "ssd_reference", "triton_available"]
+
+def triton_available() -> bool:
+    return _backend.triton_available("triton_ssd")
+
+
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    return _backend.use_triton(backend, x, "triton_ssd")
 
 
 def segsum(a: Tensor) -> Tensor:
@@ -70,11 +88,14 @@ def ssd_chunked(
     chunk_size: int,
     D: Optional[Tensor] = None,
     initial_state: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    backend: str = "auto",
 ) -> Tuple[Tensor, Tensor]:
     """Chunked SSD scan over a whole sequence (prefill).
 
     x: [b, T, H, P]; dt: [b, T, H]; A: [H]; B, C: [b, T, G, N]; D: [H] or None;
     initial_state: [b, H, P, N] or None. Returns (y [b, T, H, P], final_state [b, H, P, N]), both fp32.
+    With cu_seqlens [n_seqs + 1] (b = 1, packed sequences) the states are [n_seqs, H, P, N].
 
     The result does not depend on chunk_size (up to rounding): it only trades the quadratic intra-chunk
     work (T * Q per head) against the sequential pass over T / Q chunk states. Everything is laid out
@@ -83,6 +104,20 @@ def ssd_chunked(
     b, T = x.shape[:2]
     H, G = _check_shapes(x, dt, A, B, C)
     R, P, N = H // G, x.shape[3], B.shape[-1]
+    n_seqs = b
+    if cu_seqlens is not None:
+        if b != 1:
+            raise ValueError("with cu_seqlens the batch must be one packed row (b = 1)")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+            raise ValueError("cu_seqlens must be a 1-D integer tensor [n_seqs + 1]")
+        n_seqs = cu_seqlens.numel() - 1
+    if initial_state is not None and tuple(initial_state.shape) != (n_seqs, H, P, N):
+        raise ValueError(f"initial_state must be [{n_seqs}, {H}, {P}, {N}], got {tuple(initial_state.shape)}")
+    if _use_triton(backend, x):
+        from .triton_ssd import ssd_chunked_triton
+        return ssd_chunked_triton(x, dt, A, B, C, chunk_size, D, initial_state, cu_seqlens)
+    if cu_seqlens is not None:
+        return _ssd_chunked_varlen(x, dt, A, B, C, chunk_size, D, initial_state, cu_seqlens)
     f32 = torch.float32
     if initial_state is None:
         state = x.new_zeros(b, H, P, N, dtype=f32)
@@ -137,6 +172,25 @@ def ssd_chunked(
     return y, s.reshape(b, H, P, N).clone()
 
 
+def _ssd_chunked_varlen(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Optional[Tensor],
+    initial_state: Optional[Tensor], cu_seqlens: Tensor,
+) -> Tuple[Tensor, Tensor]:
+    """Packed sequences on the torch path: the dense scan on each sequence's slice in turn."""
+    T, H, P, N = x.shape[1], x.shape[2], x.shape[3], B.shape[-1]
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != T or any(lo > hi for lo, hi in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {bounds}")
+    n_seqs = len(bounds) - 1
+    y = x.new_empty(1, T, H, P, dtype=torch.float32)  # [1, T, H, P]
+    finals = x.new_empty(n_seqs, H, P, N, dtype=torch.float32)  # [n_seqs, H, P, N]
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        s0 = None if initial_state is None else initial_state[i: i + 1]  # [1, H, P, N]
+        y[:, lo:hi], finals[i: i + 1] = ssd_chunked(x[:, lo:hi], dt[:, lo:hi], A, B[:, lo:hi], C[:, lo:hi],
+                                                    chunk_size, D=D, initial_state=s0, backend="torch")
+    return y, finals
+
+
 def ssd_step(
     state: Tensor,
     x: Tensor,
@@ -145,17 +199,37 @@ def ssd_step(
     B: Tensor,
     C: Tensor,
     D: Optional[Tensor] = None,
+    state_indices: Optional[Tensor] = None,
+    backend: str = "auto",
 ) -> Tensor:
     """One decode step of the recurrence; updates ``state`` in place.
 
     state: [b, H, P, N] float32 (modified); x: [b, H, P]; dt: [b, H];
     A: [H]; B, C: [b, G, N]; D: [H] or None. Returns y [b, H, P] float32.
+    With state_indices [b] (distinct ints), state is the whole pool [num_slots, H, P, N] and row i of
+    the inputs updates pool row state_indices[i].
     """
-    b, H, P, N = state.shape
+    H, P, N = state.shape[1:]
+    b = x.shape[0]
     G = B.shape[-2]
     R = H // G
     if H % G != 0:
         raise ValueError(f"n_heads={H} is not divisible by n_groups={G}")
+    if state_indices is not None:
+        if state_indices.shape != (b,) or state_indices.is_floating_point():
+            raise ValueError(f"state_indices must be {b} integers, got {tuple(state_indices.shape)}")
+    elif state.shape[0] != b:
+        raise ValueError(f"state has {state.shape[0]} rows for a batch of {b}")
+    if _use_triton(backend, x):
+        from .triton_ssd import ssd_step_triton
+        return ssd_step_triton(state, x, dt, A, B, C, D, state_indices)
+    if state_indices is not None:
+        # torch path: step a gathered copy of the rows, then write them back
+        idx = state_indices.to(device=state.device, dtype=torch.long)
+        rows = state.index_select(0, idx)  # [b, H, P, N]
+        y = ssd_step(rows, x, dt, A, B, C, D=D, backend="torch")
+        state.index_copy_(0, idx, rows)
+        return y
     f32 = torch.float32
     x = x.to(f32)
     dt = dt.to(f32)
