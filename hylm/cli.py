@@ -83,8 +83,35 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-parallel-size", type=int, default=None, metavar="N",
                    help="expert parallelism over N ranks without tensor parallelism: each rank holds every "
                         "other layer whole and 1/N of the routed experts")
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu, or cuda (one GPU per rank, its local rank)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto (cuda when a GPU is available, else cpu, with a notice), cpu, or cuda (one GPU per "
+                        "rank, its local rank)")
+
+
+def _resolve_device(args: argparse.Namespace) -> None:
+    """--device auto -> cuda or cpu; cuda without a GPU is an error. Falling back to the CPU leaves a one-line
+    notice for `_device_for`, so that a command that fails on its arguments still prints one line only."""
+    device = getattr(args, "device", None)
+    if device not in ("auto", "cuda"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        args.device = "cuda"
+    elif device == "cuda":
+        raise CLIError("--device cuda: no CUDA GPU is available (use --device cpu)")
+    else:
+        args.device = "cpu"
+        args.device_notice = f"{PROG}: no CUDA GPU found: running the CPU paths (fp32 compute)"
+
+
+def _device_for(args: argparse.Namespace) -> str:
+    """The device to load the model on; prints the CPU-fallback notice the first time."""
+    notice = getattr(args, "device_notice", None)
+    if notice:
+        print(notice, file=sys.stderr)
+        args.device_notice = None
+    return args.device
 
 
 def _parallel_sizes(args: argparse.Namespace) -> tuple[int, int] | None:
@@ -233,13 +260,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = args.prompt if args.prompt is not None else _parse_ids(args.prompt_ids)
     sizes = _parallel_sizes(args)
     if sizes is None:
-        llm = LLM(args.model, tokenizer=_gguf_tokenizer(args.model), dtype=args.dtype, device=args.device,
+        llm = LLM(args.model, tokenizer=_gguf_tokenizer(args.model), dtype=args.dtype, device=_device_for(args),
                   max_num_seqs=1, max_model_len=max_len, speculative_tokens=args.speculative_tokens)
         return _generate(llm, args, prompt, params)
     from .chat.tokenizer import Tokenizer
     from .parallel import launch
 
-    model = launch.start(args.model, *sizes, dtype=args.dtype, device=args.device)
+    model = launch.start(args.model, *sizes, dtype=args.dtype, device=_device_for(args))
     if model is None:  # a torchrun worker rank: it served rank 0's steps until rank 0 closed
         return 0
     try:
@@ -492,7 +519,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .parallel import launch
 
         if launch.is_worker_rank():  # torchrun rank > 0: no HTTP, only rank 0's steps on this rank's shard
-            launch.start(model, *sizes, dtype=args.dtype, device=args.device, seed=args.seed)
+            launch.start(model, *sizes, dtype=args.dtype, device=_device_for(args), seed=args.seed)
             return 0
         if args.enable_prefix_caching:
             print("hylm serve: prefix caching is off with tensor/expert parallelism (the other ranks do not "
@@ -511,10 +538,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else (os.environ.get("HYLM_API_KEY") or None)
     parallel_model = engine = None
     if sizes is not None:
-        parallel_model = launch.start(model, *sizes, dtype=args.dtype, device=args.device, seed=args.seed)
+        parallel_model = launch.start(model, *sizes, dtype=args.dtype, device=_device_for(args), seed=args.seed)
         engine = LLMEngine(parallel_model, config, seed=args.seed)
     try:
-        state = load_state(model, dtype=args.dtype, device=args.device, engine_config=config, engine=engine,
+        state = load_state(model, dtype=args.dtype, device=_device_for(args), engine_config=config, engine=engine,
                            served_model_names=args.served_model_name, max_waiting=args.max_waiting, api_key=api_key,
                            max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                            seed=args.seed)
@@ -714,6 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
 
     try:
+        _resolve_device(args)
         return int(args.func(args) or 0)
     except (CLIError, ConfigError, OSError, ValueError) as e:
         message = " ".join(str(e).split()) or type(e).__name__  # always one line

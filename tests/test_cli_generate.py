@@ -33,6 +33,22 @@ def test_generate_matches_offline_api(ckpt):
         assert f"finish_reason: {ref.finish_reason}" in r.stderr
 
 
+CPU_NOTICE = "hylm: no CUDA GPU found: running the CPU paths"
+
+
+def test_device_auto_falls_back_to_the_cpu_with_a_one_line_notice(ckpt):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is available")
+    r = hylm("generate", ckpt, "--prompt-ids", "5,6", "--max-tokens", 2)
+    assert r.returncode == 0 and r.stderr.count(CPU_NOTICE) == 1
+    r = hylm("generate", ckpt, "--prompt-ids", "5,6", "--max-tokens", 2, "--device", "cpu")
+    assert r.returncode == 0 and CPU_NOTICE not in r.stderr
+    r = hylm("generate", ckpt, "--prompt-ids", "5,6", "--device", "cuda")
+    assert r.returncode == 2 and r.stderr.strip() == "hylm: error: --device cuda: no CUDA GPU is available (use --device cpu)"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--prompt", "hi"], "has no tokenizer (tokenizer.json"),
     (["--prompt-ids", "5,x"], "--prompt-ids: expected comma-separated integers"),
@@ -43,4 +59,5 @@ def test_generate_errors_are_one_line(ckpt, args, message):
     r = hylm("generate", ckpt, *args)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    # one line for the error (on a machine without a GPU, the CPU-fallback notice may come before it)
+    assert len([x for x in r.stderr.strip().splitlines() if not x.startswith(CPU_NOTICE)]) == 1
