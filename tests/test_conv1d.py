@@ -1,16 +1,13 @@
 """Tests for the depthwise causal conv1d with rolling state (torch paths, and the Triton kernels under the
 interpreter)."""
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from triton_interpreter import needs_triton, run_under_interpreter
 
 from hylm.ops.conv1d import causal_conv1d, causal_conv1d_step
 
@@ -177,7 +174,7 @@ def test_silu_flag_fuses_the_activation():
 
 def test_rejects_bad_arguments():
     x, w, bias, st = make_inputs(b=2, T=5, seed=15, with_state=True)
-    with pytest.raises(ValueError, match="b = 1"):
+    with pytest.raises(ValueError, match="one packed row"):
         causal_conv1d(x, w, bias, st, cu_seqlens=torch.tensor([0, 2, 5]))
     with pytest.raises(ValueError, match="conv_state"):
         causal_conv1d(x[:1], w, bias, st, cu_seqlens=torch.tensor([0, 2, 3, 5]))
@@ -289,12 +286,6 @@ TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_triton_kernels_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    here = Path(__file__).resolve().parent
-    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=here)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "TRITON_OK 24" in proc.stdout
+    run_under_interpreter(TRITON_SCRIPT, "TRITON_OK 24")

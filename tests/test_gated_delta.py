@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from triton_interpreter import needs_triton, run_under_interpreter
 
 from hylm.ops.gated_delta import gated_delta_chunked, gated_delta_recurrent, l2norm
 
@@ -297,12 +294,6 @@ TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_triton_recurrent_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    here = Path(__file__).resolve().parent
-    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=here)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "TRITON_OK 6" in proc.stdout
+    run_under_interpreter(TRITON_SCRIPT, "TRITON_OK 6")

@@ -1,16 +1,13 @@
 """NVFP4: bit-exact E2M1 codes, nibble order, block scales and global scale against hand-computed tables;
 packed round trips; nvfp4_linear and the NVFP4 routed experts against dense references; packed modules."""
 
-import importlib.util
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+
+from triton_interpreter import needs_triton, run_under_interpreter
 
 from hylm.model.quantized import FP8Linear, NVFP4Experts, NVFP4Linear, QuantizedExperts
 from hylm.ops.moe import grouped_expert_mlp
@@ -350,12 +347,6 @@ NVFP4_TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_triton_nvfp4_linear_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    here = Path(__file__).resolve().parent
-    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", NVFP4_TRITON_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=here)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "TRITON_OK 290" in proc.stdout
+    run_under_interpreter(NVFP4_TRITON_SCRIPT, "TRITON_OK 290")

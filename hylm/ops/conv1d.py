@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
+from .varlen import host_bounds, num_sequences
 
 Tensor = torch.Tensor
 
@@ -57,13 +58,7 @@ def causal_conv1d(
     K = weight.shape[-1]
     if weight.shape != (Cn, K):
         raise ValueError(f"weight must be [{Cn}, K], got {tuple(weight.shape)}")
-    n = b
-    if cu_seqlens is not None:
-        if b != 1:
-            raise ValueError("with cu_seqlens the batch must be one packed row (b = 1)")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.is_floating_point():
-            raise ValueError("cu_seqlens must be a 1-D integer tensor [num_seqs + 1]")
-        n = cu_seqlens.numel() - 1
+    n = num_sequences(b, cu_seqlens)
     if conv_state is not None and tuple(conv_state.shape) != (n, Cn, K - 1):
         raise ValueError(f"conv_state must be [{n}, {Cn}, {K - 1}], got {tuple(conv_state.shape)}")
     if _use_triton(backend, x):
@@ -96,7 +91,7 @@ def _conv_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state: O
 
 def _varlen_torch(x, weight, bias, conv_state, cu_seqlens, silu):
     """Reference for packed sequences: the dense path once per sequence (syncs on cu_seqlens)."""
-    cu = cu_seqlens.tolist()
+    cu = host_bounds(cu_seqlens, x.shape[1])
     outs, states = [], []
     for i in range(len(cu) - 1):
         st = conv_state[i : i + 1] if conv_state is not None else None  # [1, C, K-1]

@@ -62,6 +62,7 @@ from typing import Optional
 import torch
 
 from . import backend as _backend
+from .varlen import num_sequences
 
 Tensor = torch.Tensor
 
@@ -109,14 +110,7 @@ class _Spec:
             raise ValueError(f"g must be [B, T, Hv] {bt} or [B, T, Hv, K] {bt + (self.K,)}, got {tuple(g.shape)}")
         if beta is not None and tuple(beta.shape) != bt:
             raise ValueError(f"beta must be [B, T, Hv] {bt}, got {tuple(beta.shape)}")
-        if cu_seqlens is not None:
-            if self.B != 1:
-                raise ValueError("with cu_seqlens the batch must be one packed row (B = 1)")
-            if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-                raise ValueError("cu_seqlens must be a 1-D integer tensor [num_seqs + 1]")
-            self.N = cu_seqlens.numel() - 1
-        else:
-            self.N = self.B
+        self.N = num_sequences(self.B, cu_seqlens)
         if initial_state is not None and tuple(initial_state.shape) != (self.N, self.Hv, self.K, self.V):
             raise ValueError(f"initial_state must be [{self.N}, {self.Hv}, {self.K}, {self.V}], "
                              f"got {tuple(initial_state.shape)}")

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
+from .varlen import host_bounds, num_sequences
 
 Tensor = torch.Tensor
 
@@ -104,13 +105,7 @@ def ssd_chunked(
     b, T = x.shape[:2]
     H, G = _check_shapes(x, dt, A, B, C)
     R, P, N = H // G, x.shape[3], B.shape[-1]
-    n_seqs = b
-    if cu_seqlens is not None:
-        if b != 1:
-            raise ValueError("with cu_seqlens the batch must be one packed row (b = 1)")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-            raise ValueError("cu_seqlens must be a 1-D integer tensor [n_seqs + 1]")
-        n_seqs = cu_seqlens.numel() - 1
+    n_seqs = num_sequences(b, cu_seqlens)
     if initial_state is not None and tuple(initial_state.shape) != (n_seqs, H, P, N):
         raise ValueError(f"initial_state must be [{n_seqs}, {H}, {P}, {N}], got {tuple(initial_state.shape)}")
     if _use_triton(backend, x):
@@ -178,9 +173,7 @@ def _ssd_chunked_varlen(
 ) -> Tuple[Tensor, Tensor]:
     """Packed sequences on the torch path: the dense scan on each sequence's slice in turn."""
     T, H, P, N = x.shape[1], x.shape[2], x.shape[3], B.shape[-1]
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != T or any(lo > hi for lo, hi in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {bounds}")
+    bounds = host_bounds(cu_seqlens, T)
     n_seqs = len(bounds) - 1
     y = x.new_empty(1, T, H, P, dtype=torch.float32)  # [1, T, H, P]
     finals = x.new_empty(n_seqs, H, P, N, dtype=torch.float32)  # [n_seqs, H, P, N]

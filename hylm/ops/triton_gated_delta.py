@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import sequence_span
+
 Tensor = torch.Tensor
 
 __all__ = ["gated_delta_recurrent_triton"]
@@ -43,14 +45,7 @@ def _gated_delta_recurrent_kernel(
         hk = h // R
     else:
         hk = h % HK
-    if VARLEN:  # one packed row: sequence n owns tokens cu[n]:cu[n+1]
-        bos = tl.load(cu_ptr + n).to(tl.int64)
-        eos = tl.load(cu_ptr + n + 1).to(tl.int64)
-        b = n * 0
-    else:  # dense batch: sequence n is row n
-        bos = n * 0
-        eos = bos + T
-        b = n
+    bos, eos, b = sequence_span(cu_ptr, n, T, VARLEN)
 
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)

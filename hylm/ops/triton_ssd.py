@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import sequence_span
+
 Tensor = torch.Tensor
 
 __all__ = ["ssd_chunked_triton", "ssd_step_triton"]
@@ -54,14 +56,7 @@ def _ssd_chunked_kernel(
     n = (i_nh // H).to(tl.int64)
     h = i_nh % H
     g = h // R
-    if VARLEN:  # one packed row: sequence n owns tokens cu[n]:cu[n+1]
-        bos = tl.load(cu_ptr + n).to(tl.int64)
-        eos = tl.load(cu_ptr + n + 1).to(tl.int64)
-        b = n * 0
-    else:  # dense batch: sequence n is row n
-        bos = n * 0
-        eos = bos + T
-        b = n
+    bos, eos, b = sequence_span(cu_ptr, n, T, VARLEN)
 
     offs_q = tl.arange(0, BQ)
     offs_p = i_p * BP + tl.arange(0, BP)
