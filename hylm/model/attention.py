@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .batch import Batch, State
+from .linear import Linear
 
 # A chunk that continues earlier context (a prefill chunk after the first, a decode step, a verification
 # step) reads the KV in windows of this many tokens: each window goes through the fused flash kernel,
@@ -30,10 +31,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.scale = self.head_dim ** -0.5
-        self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.q_proj = Linear(c.hidden_size, self.num_heads * self.head_dim, bias=c.attention_bias)
+        self.k_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
+        self.v_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
 
     def forward(self, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:
         """x: [N, D] packed tokens -> [N, D]."""

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..ops.gated_delta import gated_delta_chunked, gated_delta_recurrent
 from .batch import Batch, State
+from .linear import Linear
 
 __all__ = ["GatedDeltaNetConfig", "GatedDeltaNet", "GatedHeadRMSNorm", "GatedDeltaCache", "packed_causal_conv1d"]
 
@@ -130,14 +131,14 @@ class GatedDeltaNet(nn.Module):
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.conv_kernel = c.conv_kernel
         self.chunk_size = c.chunk_size
-        self.in_proj_qkvz = nn.Linear(c.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
-        self.in_proj_ba = nn.Linear(c.hidden_size, 2 * c.num_v_heads, bias=False)
+        self.in_proj_qkvz = Linear(c.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = Linear(c.hidden_size, 2 * c.num_v_heads, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=c.conv_kernel, groups=self.conv_dim,
                                 padding=c.conv_kernel - 1, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(c.num_v_heads))
         self.A_log = nn.Parameter(torch.log(torch.empty(c.num_v_heads).uniform_(1.0, 16.0)))
         self.norm = GatedHeadRMSNorm(c.head_v_dim, eps=c.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, c.hidden_size, bias=False)
+        self.out_proj = Linear(self.value_dim, c.hidden_size, bias=False)
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-slot shapes of (conv_state, recurrent_state); the recurrent state is kept in fp32."""

@@ -14,6 +14,7 @@ from ..config import ModelConfig
 from ..ops.conv1d import causal_conv1d, causal_conv1d_step, conv_states_after_each
 from ..ops.ssd import ssd_chunked, ssd_step, ssd_steps
 from .batch import Batch, State
+from .linear import Linear
 from .norm import GatedRMSNorm
 
 
@@ -27,14 +28,14 @@ class Mamba2Mixer(nn.Module):
         self.d_inner, self.conv_dim = c.mamba_d_inner, c.mamba_conv_dim
         self.chunk_size = c.chunk_size
         self.dt_min, self.dt_max = c.time_step_limit
-        self.in_proj = nn.Linear(c.hidden_size, c.mamba_in_proj_size, bias=c.use_bias)
+        self.in_proj = Linear(c.hidden_size, c.mamba_in_proj_size, bias=c.use_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=c.conv_kernel, groups=self.conv_dim,
                                 padding=c.conv_kernel - 1, bias=c.use_conv_bias)
         self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(self.d_inner, self.n_groups, eps=c.layer_norm_epsilon)
-        self.out_proj = nn.Linear(self.d_inner, c.hidden_size, bias=c.use_bias)
+        self.out_proj = Linear(self.d_inner, c.hidden_size, bias=c.use_bias)
 
     def forward(self, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:
         """x: [N, D] packed tokens -> [N, D]."""

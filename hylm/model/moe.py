@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.moe import grouped_expert_mlp, route_sigmoid_topk
+from .linear import Linear
 from .mlp import MLP
 
 
@@ -51,8 +52,8 @@ class MoE(nn.Module):
                                if c.moe_shared_expert_intermediate_size else None)
         self.latent = c.moe_latent_size is not None
         if self.latent:
-            self.fc1_latent_proj = nn.Linear(c.hidden_size, c.moe_latent_size, bias=c.mlp_bias)
-            self.fc2_latent_proj = nn.Linear(c.moe_latent_size, c.hidden_size, bias=c.mlp_bias)
+            self.fc1_latent_proj = Linear(c.hidden_size, c.moe_latent_size, bias=c.mlp_bias)
+            self.fc2_latent_proj = Linear(c.moe_latent_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, D] -> [N, D]."""

@@ -9,6 +9,7 @@ from torch import nn
 from ..config import ModelConfig
 from .batch import Batch, State
 from .block import Block
+from .linear import Linear
 from .norm import RMSNorm
 
 
@@ -19,7 +20,7 @@ class MTPLayer(Block):
         if first:
             self.enorm = RMSNorm(c.hidden_size, c.layer_norm_epsilon)
             self.hnorm = RMSNorm(c.hidden_size, c.layer_norm_epsilon)
-            self.eh_proj = nn.Linear(2 * c.hidden_size, c.hidden_size, bias=False)
+            self.eh_proj = Linear(2 * c.hidden_size, c.hidden_size, bias=False)
         if last:
             self.final_layernorm = RMSNorm(c.hidden_size, c.layer_norm_epsilon)
 

@@ -9,6 +9,7 @@ from ..config import ModelConfig
 from .batch import Batch, State
 from .block import Block
 from .cache import ContiguousCache
+from .linear import Linear
 from .mtp import MTP
 from .norm import RMSNorm
 
@@ -25,7 +26,7 @@ class NemotronHModel(nn.Module):
         self.model.embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
         self.model.layers = nn.ModuleList(Block(c, kind, i) for i, kind in enumerate(c.pattern))
         self.model.norm_f = RMSNorm(c.hidden_size, c.layer_norm_epsilon)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
         self.mtp = MTP(c, first_layer_id=c.num_hidden_layers) if c.num_nextn_predict_layers > 0 else None
 
     # ---- packed path: what the engine calls --------------------------------------------------------

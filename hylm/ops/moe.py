@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backend as _backend
+from .linear import linear
 
 
 def triton_available() -> bool:
@@ -81,8 +82,8 @@ def grouped_expert_mlp(
     if n == 1:  # one decode token: no sorting or scattering, just its k experts
         out = None
         for j, expert in enumerate(ids[0].tolist()):
-            h = torch.relu(x @ up[expert].t()).square()
-            y = (h @ down[expert].t()).float() * weights[:, j: j + 1]
+            h = torch.relu(linear(x, up[expert])).square()
+            y = linear(h, down[expert]).float() * weights[:, j: j + 1]
             out = y if out is None else out.add_(y)
         return out.to(x.dtype)
     flat_ids = ids.reshape(-1)  # [N*k]
@@ -97,8 +98,8 @@ def grouped_expert_mlp(
         if count == 0:
             continue
         end = start + count
-        h = torch.relu(x_sorted[start:end] @ up[expert].t()).square()
-        out_sorted[start:end] = (h @ down[expert].t()).float() * w_sorted[start:end]
+        h = torch.relu(linear(x_sorted[start:end], up[expert])).square()
+        out_sorted[start:end] = linear(h, down[expert]).float() * w_sorted[start:end]
         start = end
     out = torch.zeros(n, down.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, token_of, out_sorted)

@@ -1,0 +1,56 @@
+"""ops.linear (oneDNN for large fp32 CPU products, F.linear otherwise) against a float64 product."""
+
+import pytest
+import torch
+
+from hylm.ops import linear as linear_op
+from hylm.ops.linear import linear, uses_onednn
+
+needs_onednn = pytest.mark.skipif(linear_op._ONEDNN_LINEAR is None, reason="torch built without oneDNN")
+
+
+def _reference(x, w, b):
+    y = x.double() @ w.double().t()
+    return y if b is None else y + b.double()
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 4, 33, 300])
+@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_onednn_path_matches_float64(rows, column_major, with_bias):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(1 << 11, 1 << 9, generator=g)  # 1M elements: the oneDNN path at any row count
+    if column_major:
+        w = w.t().contiguous().t()  # the loader's CPU layout
+    b = torch.randn(w.shape[0], generator=g) if with_bias else None
+    x = torch.randn(2, rows, w.shape[1], generator=g)[:, :, :]  # [2, rows, in]
+    assert uses_onednn(x, w)
+    y = linear(x, w, b)
+    ref = _reference(x, w, b)
+    assert y.shape == (2, rows, w.shape[0]) and y.dtype == torch.float32
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_onednn
+def test_non_contiguous_input_and_batched_small_weight():
+    w = torch.randn(256, 512)  # 128K elements: oneDNN only from ONEDNN_MIN_ROWS rows on
+    x_few = torch.randn(4, 512)
+    x_many = torch.randn(512, 600)[:, :512]  # a strided view
+    assert not uses_onednn(x_few, w) and uses_onednn(x_many, w)
+    for x in (x_few, x_many):
+        ref = _reference(x, w, None)
+        assert (linear(x, w).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_falls_back_where_onednn_does_not_apply():
+    w = torch.randn(1 << 11, 1 << 9, requires_grad=True)
+    x = torch.randn(3, 1 << 9)
+    assert not uses_onednn(x, w)  # autograd needs a gradient of w
+    linear(x, w).sum().backward()
+    assert w.grad is not None and torch.allclose(w.grad, x.sum(0).expand_as(w), atol=1e-5)
+    with torch.no_grad():
+        assert uses_onednn(x, w) or linear_op._ONEDNN_LINEAR is None
+        assert not uses_onednn(x.bfloat16(), w.bfloat16())
+        assert not uses_onednn(torch.empty(0, 1 << 9), w)
+        assert linear(torch.empty(0, 1 << 9), w).shape == (0, 1 << 11)
