@@ -47,3 +47,34 @@ def test_windowed_engine_outputs_and_logprobs(model, monkeypatch):
     for (td, ld), (tw, lw) in zip(dense, windowed):
         assert td == tw
         assert max(abs(a - b) for a, b in zip(ld, lw)) < 1e-4
+
+
+@pytest.mark.parametrize("chunks", [[100, 4, 5, 1, 3], [60, 2, 2, 7]])
+def test_masked_single_call_equals_windows_and_merge(model, monkeypatch, chunks):
+    """A few new tokens over a short context take one masked kernel call; it equals the past-window +
+    causal-window + merge path and the uncached forward."""
+    ids = torch.tensor(random_prompts(1, sum(chunks), sum(chunks), seed=4))
+    bounds = [0]
+    for c in chunks:
+        bounds.append(bounds[-1] + c)
+
+    def chunked():
+        cache = model.new_cache(1)
+        with torch.no_grad():
+            return torch.cat([model(ids[:, a:b], cache=cache) for a, b in zip(bounds, bounds[1:])], 1)
+
+    with torch.no_grad():
+        dense = model(ids)
+    calls = []
+    original = attention.Attention._window
+    monkeypatch.setattr(attention.Attention, "_window",
+                        lambda self, *a, **k: calls.append(k.get("mask") is not None) or original(self, *a, **k))
+    masked = chunked()
+    assert any(calls)  # the masked call ran
+    monkeypatch.setattr(attention, "MASKED_CALL_MAX", 0)
+    calls.clear()
+    merged = chunked()
+    assert not any(calls)
+    for got in (masked, merged):
+        assert ((got - dense).abs().max() / dense.abs().max()) < 1e-5
+    assert ((masked - merged).abs().max() / dense.abs().max()) < 1e-5

@@ -192,7 +192,7 @@ class LLMEngine:
         return outputs
 
     def _verify(self, r: Request, i: int, batch: Batch, hidden: torch.Tensor, drafted: list[int],
-                qs: list[torch.Tensor], now: float) -> RequestOutput:
+                qs: list[torch.Tensor | None], now: float) -> RequestOutput:
         """Accept drafts against the target's logits, roll the state back to the last accepted position."""
         lo = batch.offsets[i]
         logits = self.model.logits(hidden[lo: batch.offsets[i + 1]])  # [k + 1, V]

@@ -69,18 +69,24 @@ def catch_up_prefill(model, pool, reqs: list[Request]) -> None:
 
 
 @torch.inference_mode()
-def draft(model, pool, reqs: list[Request]) -> list[tuple[list[int], list[torch.Tensor]]]:
-    """K_r draft tokens per request (r.spec_k) and the distributions they were drawn from."""
+def draft(model, pool, reqs: list[Request]) -> list[tuple[list[int], list[torch.Tensor | None]]]:
+    """K_r draft tokens per request (r.spec_k) and the distributions they were drawn from (None for greedy
+    requests: their drafts are argmaxes)."""
     embed = model.model.embeddings
     # 1. catch up: every position the MTP hasn't seen, ending at the last computed one
     h, batch = catch_up(model, pool, reqs, [r.num_computed for r in reqs])
     prev = h[batch.last_token_rows()]  # [R, D]
-    drafts: list[tuple[list[int], list[torch.Tensor]]] = [([], []) for _ in reqs]
+    drafts: list[tuple[list[int], list[torch.Tensor | None]]] = [([], []) for _ in reqs]
     active = list(range(len(reqs)))
     for step in range(max(r.spec_k for r in reqs)):
         logits = model.logits(prev)  # [A, V]
+        greedy_ids = logits.argmax(-1).tolist()
         for j, i in enumerate(active):
             r = reqs[i]
+            if r.params.greedy:  # a one-hot q: accept compares token ids and never reads it
+                drafts[i][0].append(greedy_ids[j])
+                drafts[i][1].append(None)
+                continue
             q = distribution(logits[j: j + 1], r.params)[0]
             drafts[i][0].append(_pick(q, r.params, r.generator))
             drafts[i][1].append(q)
@@ -97,10 +103,16 @@ def draft(model, pool, reqs: list[Request]) -> list[tuple[list[int], list[torch.
     return drafts
 
 
-def accept(r: Request, target_logits: torch.Tensor, drafted: list[int], qs: list[torch.Tensor]
+def accept(r: Request, target_logits: torch.Tensor, drafted: list[int], qs: list[torch.Tensor | None]
            ) -> tuple[list[int], int]:
     """Tokens to append (accepted drafts, then one token from the target) and how many drafts were
     accepted. target_logits: [k + 1, V], row j predicts the token after the j-th fed token."""
+    if r.params.greedy:  # accept drafts while they equal the target's argmax, then its argmax
+        best = target_logits.argmax(-1).tolist()  # [k + 1]
+        n_acc = 0
+        while n_acc < len(drafted) and drafted[n_acc] == best[n_acc]:
+            n_acc += 1
+        return drafted[:n_acc] + [best[n_acc]], n_acc
     p = distribution(target_logits, r.params)  # [k + 1, V]
     out: list[int] = []
     for j, (d, q) in enumerate(zip(drafted, qs)):

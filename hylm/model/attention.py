@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,8 @@ KV_WINDOW = 16384
 # Where the fused kernel is missing (not CPU), windows are attended with plain matmuls: this caps their
 # score tensors [heads, queries, window] in elements.
 SCORE_BUDGET = 1 << 24
+# Few new tokens over a short context attend in one call with an explicit mask of at most this many elements.
+MASKED_CALL_MAX = 1 << 18
 try:
     _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 except (AttributeError, RuntimeError):  # an older torch without the op
@@ -78,6 +82,16 @@ class Attention(nn.Module):
         # a single query sees every key including its own: its whole context is one unmasked range
         past = context + 1 if t == 1 else context
         window = KV_WINDOW if self._fused(q) else min(KV_WINDOW, max(256, SCORE_BUDGET // (self.num_heads * t)))
+        if 1 < t and context + t <= window and g * t * (context + t) <= MASKED_CALL_MAX:
+            # a few new tokens over a short context (speculative verification): one masked call over the
+            # stored keys, own ones included, instead of a past window + a causal window + their merge
+            kw, vw = state.kv_read(self.layer_idx, slot, 0, context + t)  # [context + t, Hkv, hd]
+            rows = (torch.arange(t, device=q.device) + context).repeat(g)  # [g*t] position of each query row
+            allowed = torch.arange(context + t, device=q.device) <= rows[:, None]  # [g*t, context + t]
+            mask = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device).masked_fill_(~allowed, -math.inf)
+            acc, _ = self._window(qf, kw.permute(1, 0, 2)[None], vw.permute(1, 0, 2)[None], causal=False, mask=mask)
+            out = acc.reshape(kvh, g, t, -1)  # [Hkv, g, t, hd]
+            return out.permute(2, 0, 1, 3).reshape(t, self.num_heads, -1).to(q.dtype)  # [t, Hq, hd]
         acc = lse = None
         for lo in range(0, past, window):
             kw, vw = state.kv_read(self.layer_idx, slot, lo, min(past, lo + window))  # [w, Hkv, hd]
@@ -95,18 +109,20 @@ class Attention(nn.Module):
     def _fused(x: torch.Tensor) -> bool:
         return _FLASH_CPU is not None and x.device.type == "cpu"
 
-    def _window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [1, H, r, hd] attends to k, v [1, H, w, hd] (causal: r == w, query j sees keys 0..j).
-        -> (output [1, H, r, hd], log-sum-exp of the scaled scores [1, H, r] fp32)"""
+    def _window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [1, H, r, hd] attends to k, v [1, H, w, hd] (causal: r == w, query j sees keys 0..j; mask: an
+        additive fp32 [r, w] instead). -> (output [1, H, r, hd], log-sum-exp of the scaled scores [1, H, r] fp32)"""
         if self._fused(q):
             # fp32 in: the kernel's output comes back in its input dtype, and each window's output would
             # otherwise be rounded to bf16/fp16 before the merge (a window's fp32 copy is bounded anyway)
-            out, lse = _FLASH_CPU(q.float(), k.float(), v.float(), 0.0, causal, scale=self.scale)
+            out, lse = _FLASH_CPU(q.float(), k.float(), v.float(), 0.0, causal, attn_mask=mask, scale=self.scale)
             return out, lse
         scores = (q @ k.transpose(-1, -2)).float() * self.scale  # [1, H, r, w]
         if causal:
             scores.masked_fill_(torch.ones_like(scores[0, 0], dtype=torch.bool).triu_(1), float("-inf"))
+        if mask is not None:
+            scores = scores + mask
         lse = torch.logsumexp(scores, -1)  # [1, H, r]
         return torch.exp(scores - lse.unsqueeze(-1)) @ v.float(), lse
 
