@@ -127,7 +127,15 @@ def _parallel_sizes(args: argparse.Namespace) -> tuple[int, int] | None:
         return None
     if args.speculative_tokens:
         raise CLIError("--speculative-tokens is not supported with tensor or expert parallelism")
+    if getattr(args, "kv_cache_dtype", "auto") != "auto":
+        raise CLIError("--kv-cache-dtype is not supported with tensor or expert parallelism")
     return tp, ep
+
+
+def _add_kv_cache_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="dtype of the attention layers' KV cache (auto: the model's; bf16/fp16 halve an fp32 "
+                        "model's KV memory at long context, compute stays in the model's dtype)")
 
 
 # ---- hylm inspect ---------------------------------------------------------------------------------------
@@ -228,6 +236,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32")
     p.add_argument("--max-model-len", type=int, default=None)
+    _add_kv_cache_dtype(p)
     p.add_argument("--no-stream", action="store_true", help="print the whole result at the end")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="draft this many tokens per step with the model's MTP block (0: off)")
@@ -261,7 +270,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sizes = _parallel_sizes(args)
     if sizes is None:
         llm = LLM(args.model, tokenizer=_gguf_tokenizer(args.model), dtype=args.dtype, device=_device_for(args),
-                  max_num_seqs=1, max_model_len=max_len, speculative_tokens=args.speculative_tokens)
+                  max_num_seqs=1, max_model_len=max_len, speculative_tokens=args.speculative_tokens,
+                  kv_cache_dtype=args.kv_cache_dtype)
         return _generate(llm, args, prompt, params)
     from .chat.tokenizer import Tokenizer
     from .parallel import launch
@@ -378,6 +388,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32")
     p.add_argument("--max-model-len", type=int, default=None)
+    _add_kv_cache_dtype(p)
     p.set_defaults(func=cmd_chat)
 
 
@@ -393,7 +404,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.reasoning_budget is not None and args.reasoning_budget < 0:
         raise CLIError("--reasoning-budget must be >= 0")
     fmt = ChatFormat.from_dir(args.model)
-    llm = LLM(args.model, tokenizer=fmt.tokenizer, dtype=args.dtype, max_num_seqs=1, max_model_len=args.max_model_len)
+    llm = LLM(args.model, tokenizer=fmt.tokenizer, dtype=args.dtype, max_num_seqs=1, max_model_len=args.max_model_len,
+              kv_cache_dtype=args.kv_cache_dtype)
     color = sys.stdout.isatty()
     thinking = not args.no_think
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -488,6 +500,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="memory for cached state checkpoints (default: 4 x max-num-seqs sequence states)")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="draft this many tokens per step with the model's MTP block (0: off)")
+    _add_kv_cache_dtype(p)
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
     _add_parallel(p)
@@ -534,7 +547,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     memory = int(args.memory_gib * 2**30) if args.memory_gib is not None else None
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, memory_bytes=memory,
                           enable_prefix_caching=args.enable_prefix_caching, prefix_cache_bytes=args.prefix_cache_bytes,
-                          speculative_tokens=args.speculative_tokens)
+                          speculative_tokens=args.speculative_tokens, kv_cache_dtype=args.kv_cache_dtype)
     api_key = args.api_key if args.api_key is not None else (os.environ.get("HYLM_API_KEY") or None)
     parallel_model = engine = None
     if sizes is not None:

@@ -169,3 +169,30 @@ def test_stream_close_aborts(model):
     next(it)
     it.close()
     assert llm.engine.pool.num_free_slots == 2 and not llm.engine.has_unfinished()
+
+
+def _logprob_run(model, prompts, **cfg):
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=0)
+    llm = LLM(model, block_size=4, **cfg)
+    return [(c.outputs[0].token_ids, c.outputs[0].logprobs) for c in llm.generate(prompts, params)]
+
+
+def test_narrow_kv_cache_dtype(model):
+    """--kv-cache-dtype bf16 on an fp32 model: the KV blocks hold bf16 (half the bytes), outputs stay within
+    bf16 rounding of the fp32 cache's, and chunking the prefill does not change them at all (every path
+    attends to what the cache holds)."""
+    prompts = random_prompts(3, 9, 30, seed=21)
+    wide = LLMEngine(model, EngineConfig(max_num_seqs=2, max_model_len=64))
+    narrow = LLMEngine(model, EngineConfig(max_num_seqs=2, max_model_len=64, kv_cache_dtype="bf16"))
+    assert narrow.pool.k[2].dtype == torch.bfloat16 and narrow.pool.conv[0].dtype == torch.float32
+    assert narrow.sizes.block_bytes * 2 == wide.sizes.block_bytes
+    ref = _logprob_run(model, prompts)
+    one_chunk = _logprob_run(model, prompts, kv_cache_dtype=torch.bfloat16, max_num_batched_tokens=64)
+    small_chunks = _logprob_run(model, prompts, kv_cache_dtype="bf16", max_num_batched_tokens=5)
+    for (t_ref, lp_ref), (t1, lp1), (t2, lp2) in zip(ref, one_chunk, small_chunks):
+        assert t1 == t2
+        assert max(abs(a - b) for a, b in zip(lp1, lp2)) < 1e-5
+        n = next((j for j, (a, b) in enumerate(zip(t_ref, t1)) if a != b), len(t1))
+        assert n > 0 and max(abs(a - b) for a, b in zip(lp_ref[:n], lp1[:n])) < 0.05
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLMEngine(model, EngineConfig(kv_cache_dtype="int8"))

@@ -14,12 +14,12 @@ from typing import Callable
 import torch
 
 from ..model import Batch, NemotronHModel
+from . import speculative
 from .metrics import EngineMetrics
+from .prefix_cache import PrefixCache
 from .request import Request, RequestOutput, Status
 from .sampler import Sampler
 from .sampling_params import SamplingParams
-from . import speculative
-from .prefix_cache import PrefixCache
 from .scheduler import RequestTooLong, Scheduler
 from .state_pool import PoolSizes, StatePool, plan_pool
 
@@ -35,6 +35,19 @@ class EngineConfig:
     prefix_cache_bytes: int | None = None  # state checkpoints' budget; None: room for 4 x max_num_seqs
     prefix_cache_interval_blocks: int = 16  # checkpoint long prompts every this many KV blocks
     speculative_tokens: int = 0  # MTP draft tokens per step (0: off)
+    # None or "auto": the model's dtype; bf16/fp16 halve an fp32 model's KV memory (compute stays fp32)
+    kv_cache_dtype: torch.dtype | str | None = None
+
+
+KV_CACHE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_kv_cache_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype) and value in KV_CACHE_DTYPES.values():
+        return value
+    if isinstance(value, str) and value in KV_CACHE_DTYPES:
+        return KV_CACHE_DTYPES[value]
+    raise ValueError(f"kv_cache_dtype {value!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
 
 
 class LLMEngine:
@@ -51,9 +64,11 @@ class LLMEngine:
             raise ValueError("speculative_tokens: this model has no MTP block (num_nextn_predict_layers is 0)")
         if self.spec_k and "M" in model.config.mtp_pattern:
             raise ValueError("speculative_tokens: MTP blocks with Mamba layers are not supported")
+        kv_dtype = resolve_kv_cache_dtype(c.kv_cache_dtype)
         self.sizes: PoolSizes = plan_pool(model.config, c.max_num_seqs, c.max_model_len, c.memory_bytes,
-                                          c.block_size, dtype, with_mtp=bool(self.spec_k))
-        self.pool = StatePool(model.config, self.sizes, dtype=dtype, device=device, with_mtp=bool(self.spec_k))
+                                          c.block_size, dtype, with_mtp=bool(self.spec_k), kv_dtype=kv_dtype)
+        self.pool = StatePool(model.config, self.sizes, dtype=dtype, device=device, with_mtp=bool(self.spec_k),
+                              kv_dtype=kv_dtype)
         self.prefix_cache = None
         if c.enable_prefix_caching and not getattr(model, "supports_prefix_caching", True):
             raise ValueError("prefix caching is not supported by this model (e.g. one split across processes)")
@@ -218,7 +233,7 @@ class LLMEngine:
                 if k:
                     vals, idx = logprobs[j].topk(k)
                     top = list(zip(idx.tolist(), vals.tolist()))
-            out = self._append(r, token, lp, top, now)
+            self._append(r, token, lp, top, now)
             new.append(token)
             if r.finished:
                 break

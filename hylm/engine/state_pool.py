@@ -43,9 +43,10 @@ def mtp_attention_layers(config: ModelConfig) -> list[int]:
 
 def plan_pool(config: ModelConfig, max_num_seqs: int = 8, max_model_len: int | None = None,
               memory_bytes: int | None = None, block_size: int = 16, dtype: torch.dtype = torch.float32,
-              with_mtp: bool = False) -> PoolSizes:
+              with_mtp: bool = False, kv_dtype: torch.dtype | None = None) -> PoolSizes:
     """Size the pool. Without a byte budget every slot can hold a full max_model_len of KV; with one,
-    slots come first (up to max_num_seqs) and the rest of the budget becomes KV blocks."""
+    slots come first (up to max_num_seqs) and the rest of the budget becomes KV blocks. dtype: the conv
+    windows' (and, unless kv_dtype says otherwise, the KV cache's)."""
     if max_num_seqs < 1:
         raise ValueError("max_num_seqs must be >= 1")
     if block_size < 1:
@@ -54,10 +55,12 @@ def plan_pool(config: ModelConfig, max_num_seqs: int = 8, max_model_len: int | N
     if max_model_len < 2:
         raise ValueError("max_model_len must be >= 2")
     elt = torch.empty((), dtype=dtype).element_size()
+    kv_elt = torch.empty((), dtype=kv_dtype or dtype).element_size()
     slot_bytes = config.ssm_state_bytes_per_sequence(conv_dtype_bytes=elt)
-    block_bytes = config.kv_cache_bytes_per_token(dtype_bytes=elt) * block_size
+    block_bytes = config.kv_cache_bytes_per_token(dtype_bytes=kv_elt) * block_size
     if with_mtp:  # the MTP block's attention keeps its own KV, in the same blocks
-        block_bytes += len(mtp_attention_layers(config)) * 2 * config.num_key_value_heads * config.head_dim * elt * block_size
+        block_bytes += (len(mtp_attention_layers(config)) * 2 * config.num_key_value_heads * config.head_dim * kv_elt
+                        * block_size)
     blocks_per_seq = math.ceil(max_model_len / block_size)
     has_kv = block_bytes > 0
     if memory_bytes is None:
@@ -79,9 +82,10 @@ class StatePool:
     """Implements the model's `State` protocol over slots and paged KV, plus allocation."""
 
     def __init__(self, config: ModelConfig, sizes: PoolSizes, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", with_mtp: bool = False):
+                 device: torch.device | str = "cpu", with_mtp: bool = False, kv_dtype: torch.dtype | None = None):
         c = config
         self.config, self.sizes, self.dtype, self.device = config, sizes, dtype, device
+        self.kv_dtype = kv_dtype or dtype
         self.block_size = sizes.block_size
         s = sizes.num_slots
         self.conv = {i: torch.zeros(s, c.mamba_conv_dim, c.conv_kernel - 1, dtype=dtype, device=device)
@@ -90,8 +94,8 @@ class StatePool:
                                    device=device) for i in c.layer_indices(MAMBA)}
         kv_shape = (sizes.num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
         kv_layers = c.layer_indices(ATTENTION) + (mtp_attention_layers(c) if with_mtp else [])
-        self.k = {i: torch.zeros(kv_shape, dtype=dtype, device=device) for i in kv_layers}
-        self.v = {i: torch.zeros(kv_shape, dtype=dtype, device=device) for i in kv_layers}
+        self.k = {i: torch.zeros(kv_shape, dtype=self.kv_dtype, device=device) for i in kv_layers}
+        self.v = {i: torch.zeros(kv_shape, dtype=self.kv_dtype, device=device) for i in kv_layers}
         self.free_slots = list(range(s - 1, -1, -1))  # pop() hands out slot 0 first
         self.free_blocks = list(range(sizes.num_blocks - 1, -1, -1))
         self.block_tables: dict[int, list[int]] = {}  # slot -> KV block ids in sequence order

@@ -46,6 +46,11 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # [N, Hq, hd]
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, hd]
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, hd]
+        kv_dtype = getattr(state, "kv_dtype", None)
+        if kv_dtype is not None and kv_dtype != k.dtype:
+            # a narrower KV cache: every path attends to the values the cache holds, so a prompt gives the
+            # same result in one chunk or several
+            k, v = k.to(kv_dtype).to(q.dtype), v.to(kv_dtype).to(q.dtype)
 
         if state is None and batch.is_uniform and batch.context_lens[0] == 0:
             b, t = batch.num_seqs, batch.seq_lens[0]
@@ -118,6 +123,7 @@ class Attention(nn.Module):
             # otherwise be rounded to bf16/fp16 before the merge (a window's fp32 copy is bounded anyway)
             out, lse = _FLASH_CPU(q.float(), k.float(), v.float(), 0.0, causal, attn_mask=mask, scale=self.scale)
             return out, lse
+        k, v = k.to(q.dtype), v.to(q.dtype)
         scores = (q @ k.transpose(-1, -2)).float() * self.scale  # [1, H, r, w]
         if causal:
             scores.masked_fill_(torch.ones_like(scores[0, 0], dtype=torch.bool).triu_(1), float("-inf"))
@@ -129,6 +135,7 @@ class Attention(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
         """q [B, t, Hq, hd] attends causally to k, v [B, context + t, Hkv, hd]; returns [B, t, Hq, hd]."""
         t, total = q.shape[1], k.shape[1]
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a cache of another dtype
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, len, hd]
         if t == 1:
             mask, causal = None, False  # a single query sees the whole context
