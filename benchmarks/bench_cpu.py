@@ -28,6 +28,7 @@ import hylm  # noqa: E402
 from hylm.config import ModelConfig  # noqa: E402
 from hylm.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from hylm.engine.sampling_params import SamplingParams  # noqa: E402
+from hylm.ops import linear as linear_op  # noqa: E402
 from hylm.weights import save_hf_checkpoint  # noqa: E402
 
 BENCH = ModelConfig(vocab_size=32000, hidden_size=512, pattern="ME*EMEME", num_attention_heads=8,
@@ -197,6 +198,9 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compare-kernels", action="store_true",
+                    help="also run hylm with its dense products on F.linear (MKL) instead of oneDNN: a column "
+                         "showing what hylm.ops.linear gains")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -226,28 +230,44 @@ def main() -> None:
     print(f"# machine: {torch.get_num_threads()} threads, read bandwidth {bw / 1e9:.1f} GB/s, fp32 GEMM {flops / 1e9:.0f} GFLOP/s")
     print(f"# torch {torch.__version__}")
     rows = []
+    mkl: dict[str, float] = {}
 
-    def row(name, h, t, roof=None):
+    def both_paths(fn, *fn_args) -> tuple[float, float | None]:
+        """hylm's dense products through oneDNN (its default on CPU) and, with --compare-kernels, through
+        F.linear (MKL), in that order."""
+        fast = fn(*fn_args)
+        if not args.compare_kernels:
+            return fast, None
+        linear_op.enabled = False
+        try:
+            return fast, fn(*fn_args)
+        finally:
+            linear_op.enabled = True
+
+    def row(name, hh, t, roof=None):
+        h, m = hh
+        if m:
+            mkl[name] = m
         ratio = f"{h / t:.2f}x" if t else "-"
         frac = f"{h / roof:.0%}" if roof else "-"
         rows.append((name, h, t, ratio, roof, frac))
         print(f"{name:<34} hylm {h:>9,.1f}  transformers {t or 0:>9,.1f}  ratio {ratio:>7}  roofline {roof or 0:>8,.0f}  "
-              f"hylm/roofline {frac}", flush=True)
+              f"hylm/roofline {frac}" + (f"  hylm with MKL products {m:,.1f}" if m else ""), flush=True)
 
     hylm_prefill(model, 256)  # warm-up: first calls allocate and initialise kernels
     if hf:
         hf_prefill(hf, 256)
     for n in contexts:
-        h = hylm_prefill(model, n)
+        h = both_paths(hylm_prefill, model, n)
         t = hf_prefill(hf, n) if hf else None
         row(f"prefill {n} tok/s", h, t)
     for n in contexts:
-        h = hylm_decode(model, 1, n, new_tokens)
+        h = both_paths(hylm_decode, model, 1, n, new_tokens)
         t = hf_decode(hf, 1, n, new_tokens) if hf else None
         roof = bw / (wbytes + n * kv_tok + 2 * state)
         row(f"decode @ctx {n} tok/s (batch 1)", h, t, roof)
     for b in batches:
-        h = hylm_decode(model, b, 128, new_tokens)
+        h = both_paths(hylm_decode, model, b, 128, new_tokens)
         t = hf_decode(hf, b, 128, new_tokens) if hf else None
         roof = b * bw / (wbytes + b * (128 * kv_tok + 2 * state))
         row(f"aggregate decode batch {b} tok/s", h, t, roof)
@@ -267,11 +287,14 @@ def main() -> None:
 
     num = (lambda v: f"{v:,.0f}" if v else "-")
     print("\n| measurement | hylm | transformers | hylm / transformers | llama.cpp f32 | hylm / llama.cpp f32 "
-          "| llama.cpp q8_0 | roofline | hylm / roofline |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| llama.cpp q8_0 | roofline | hylm / roofline |" + (" hylm, MKL products | oneDNN / MKL |" if mkl else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if mkl else ""))
     for name, h, t, ratio, roof, frac in rows:
         f32, q8 = (llama_rows.get(name, {}).get(q) for q in ("f32", "q8_0"))
         cells = [name, num(h), num(t), ratio, num(f32), f"{h / f32:.2f}x" if f32 else "-", num(q8), num(roof), frac]
+        if mkl:
+            m = mkl.get(name)
+            cells += [num(m), f"{h / m:.2f}x" if m else "-"]
         print("| " + " | ".join(cells) + " |")
 
 
