@@ -196,3 +196,23 @@ def test_narrow_kv_cache_dtype(model):
         assert n > 0 and max(abs(a - b) for a, b in zip(lp_ref[:n], lp1[:n])) < 0.05
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         LLMEngine(model, EngineConfig(kv_cache_dtype="int8"))
+
+
+def test_batched_decode_attention_equals_per_sequence_windows(model, monkeypatch):
+    """Decode steps of several sequences attend in one padded, masked call; greedy outputs equal the
+    per-sequence window path's, with sequences of different lengths joining at different steps."""
+    import hylm.model.attention as attention
+
+    prompts = random_prompts(5, 3, 40, seed=31)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
+    calls = []
+    original = attention.Attention._decode_batched
+    monkeypatch.setattr(attention.Attention, "_decode_batched",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    batched, _ = staggered(model, prompts, params, 2, max_num_batched_tokens=16, block_size=4)
+    assert calls
+    monkeypatch.setattr(attention, "BATCHED_DECODE_MAX", 0)
+    calls.clear()
+    windows, _ = staggered(model, prompts, params, 2, max_num_batched_tokens=16, block_size=4)
+    assert not calls
+    assert batched == windows

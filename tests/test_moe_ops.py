@@ -48,7 +48,8 @@ def case(n, k, experts=8, d=24, inter=40, d_out=24, seed=0):
     return x, weights, ids, up, down
 
 
-# 8 experts of 40 x 24: dense while n * k >= 8 and n * 8 * 40 * 24 <= DENSE_MAX_MACS; inter=800 (17 tokens) and 400 (40) are past it
+# 8 experts of 40 x 24: dense while n * k >= 8 and n * 40 * 24 <= DENSE_MAX_MACS_PER_EXPERT; inter=800 (17 tokens) and
+# 400 (40) are past it
 @pytest.mark.parametrize("n,k,inter,dense", [(1, 2, 40, False), (1, 4, 40, False), (3, 2, 40, False), (4, 3, 40, True),
                                                (17, 2, 40, True), (40, 4, 400, False), (17, 2, 800, False)])
 def test_dispatch_matches_the_float64_loop(n, k, inter, dense, monkeypatch):
@@ -59,6 +60,26 @@ def test_dispatch_matches_the_float64_loop(n, k, inter, dense, monkeypatch):
     assert bool(calls) == dense
     assert got.shape == (n, down.shape[1]) and got.dtype == x.dtype
     torch.testing.assert_close(got.double(), reference(x, weights, ids, up, down), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,k,experts,inter", [(3, 2, 8, 40), (17, 2, 8, 800), (40, 4, 16, 400), (300, 3, 8, 64)])
+def test_padded_and_looped_experts_match_the_float64_loop(n, k, experts, inter, monkeypatch):
+    """Past the dense path: the padded two-bmm path while padding waste is bounded, else the per-expert loop;
+    both equal the float64 loop."""
+    x, weights, ids, up, down = case(n, k, experts=experts, inter=inter, seed=n + k)
+    monkeypatch.setattr(moe_ops, "DENSE_MAX_MACS_PER_EXPERT", 0)
+    calls = []
+    padded = moe_ops.padded_expert_mlp
+    monkeypatch.setattr(moe_ops, "padded_expert_mlp", lambda *a: calls.append(1) or padded(*a))
+    ref = reference(x, weights, ids, up, down)
+    got = moe_ops.grouped_expert_mlp(x, weights, ids, up, down)
+    assert calls  # tokens spread over the experts: little padding
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(moe_ops, "PADDED_MAX_WASTE", 0)
+    calls.clear()
+    looped = moe_ops.grouped_expert_mlp(x, weights, ids, up, down)
+    assert not calls
+    torch.testing.assert_close(looped.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_backend_choice_on_cpu():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ATTENTION, MAMBA, ModelConfig
+from ..model.batch import Batch
 
 
 @dataclass
@@ -102,6 +103,7 @@ class StatePool:
         self._mirrors: dict[int, list] = {}  # slot -> [its table list, block ids tensor, entries filled]
         self.refs = [0] * sizes.num_blocks
         self.has_kv = bool(self.k)
+        self._decode_rows: tuple | None = None  # (the batch, its padded cache rows, its new tokens' rows)
 
     # ---- allocation ----------------------------------------------------------------------------
     # KV blocks are reference-counted: a block may be shared by running sequences and prefix-cache
@@ -234,6 +236,31 @@ class StatePool:
             ids = ids.to(self.k[layer].device)
             keys, values = self.k[layer][ids], self.v[layer][ids]  # [n, block, Hkv, hd] copies
         return keys.reshape(-1, *keys.shape[2:])[a:b], values.reshape(-1, *values.shape[2:])[a:b]  # [hi - lo, Hkv, hd]
+
+    def kv_decode(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new token per sequence of batch: store k, v [B, Hkv, hd] at its position (its context length)
+        and return every sequence's keys and values up to its new token, padded to the longest:
+        [B, L, Hkv, hd] each (L = longest context + 1; rows past a sequence's own length hold other data and
+        must be masked). The cache rows are worked out once per batch and shared by all its attention layers."""
+        slots, positions = batch.slots, batch.context_lens
+        if self._decode_rows is None or self._decode_rows[0] is not batch:
+            bs = self.block_size
+            longest = max(positions) + 1
+            per_seq = math.ceil(longest / bs)
+            ids = torch.tensor([self.block_tables[s][: p // bs + 1] + [0] * (per_seq - p // bs - 1)
+                                for s, p in zip(slots, positions)], dtype=torch.long)  # [B, blocks]
+            rows = (ids[:, :, None] * bs + torch.arange(bs)).view(len(slots), -1)[:, :longest]  # [B, L]
+            new_rows = rows[torch.arange(len(slots)), torch.tensor(positions)]  # [B]
+            device = k.device
+            self._decode_rows = (batch, rows.to(device), new_rows.to(device))
+        _, rows, new_rows = self._decode_rows
+        out = []
+        for cache, new in ((self.k[layer], k), (self.v[layer], v)):
+            flat = cache.view(-1, *cache.shape[2:])  # [blocks*block_size, Hkv, hd]
+            flat[new_rows] = new.to(cache.dtype)
+            out.append(flat[rows])  # [B, L, Hkv, hd]
+        return out[0], out[1]
 
     def kv_append(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,9 @@ KV_WINDOW = 16384
 # Where the fused kernel is missing (not CPU), windows are attended with plain matmuls: this caps their
 # score tensors [heads, queries, window] in elements.
 SCORE_BUDGET = 1 << 24
+# One decode token for each of several sequences: their KV is gathered into one padded batch and attended in
+# one call when the batch holds at most this many elements per K (else each sequence reads its own windows).
+BATCHED_DECODE_MAX = 1 << 22
 # Few new tokens over a short context attend in one call with an explicit mask of at most this many elements.
 MASKED_CALL_MAX = 1 << 18
 try:
@@ -58,6 +61,10 @@ class Attention(nn.Module):
                                v.view(b, t, *v.shape[1:]), context=0)  # [B, T, Hq, hd]
             return self.o_proj(out.reshape(n, -1))
 
+        if (state is not None and hasattr(state, "kv_decode") and batch.num_seqs > 1 and n == batch.num_seqs
+                and min(batch.context_lens) > 0
+                and n * (max(batch.context_lens) + 1) * self.num_kv_heads * self.head_dim <= BATCHED_DECODE_MAX):
+            return self.o_proj(self._decode_batched(q, k, v, batch, state).reshape(n, -1))
         out = torch.empty_like(q)
         for i in range(batch.num_seqs):
             lo, hi = batch.offsets[i], batch.offsets[i + 1]
@@ -109,6 +116,19 @@ class Attention(nn.Module):
             acc, lse = _merge(acc, lse, o.reshape(1, kvh, g * t, -1), l.reshape(1, kvh, g * t))
         out = acc.reshape(kvh, g, t, -1)  # [Hkv, g, t, hd]
         return out.permute(2, 0, 1, 3).reshape(t, self.num_heads, -1).to(q.dtype)  # [t, Hq, hd]
+
+    def _decode_batched(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, state: State
+                        ) -> torch.Tensor:
+        """One new token for each of B sequences: their KV gathered into one padded batch, one masked kernel
+        call. q, k, v [B, H, hd] -> [B, Hq, hd]"""
+        keys, values = state.kv_decode(self.layer_idx, batch, k, v)  # [B, L, Hkv, hd]
+        lens = torch.tensor(batch.context_lens, device=q.device) + 1  # [B]
+        valid = torch.arange(keys.shape[1], device=q.device) < lens[:, None]  # [B, L]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
+            attn_mask=valid[:, None, None, :], scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads)  # [B, Hq, 1, hd]
+        return out.squeeze(2)
 
     @staticmethod
     def _fused(x: torch.Tensor) -> bool:
