@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_cpu.py            # full table (a few minutes on 2 cores)
     python3 benchmarks/bench_cpu.py --quick    # shorter contexts, for a smoke run
+    python3 benchmarks/bench_cpu.py --compare-kernels   # adds hylm with its dense products on MKL (F.linear)
 
 Prints prefill tok/s at several prompt lengths, single-stream decode tok/s at those contexts, aggregate
 decode tok/s at several batch sizes, each with the hylm/transformers ratio, plus the decode roofline
