@@ -286,10 +286,11 @@ def child(args) -> None:
             if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
                 raise RuntimeError("expected the blocks of a lone request to be consecutive")
             g = torch.Generator().manual_seed(1)
-            for layer in pool.k:  # in place, block range by block range: no temporary of the KV's size
-                for cache in (pool.k[layer], pool.v[layer]):
-                    for lo in range(blocks[0], blocks[0] + len(blocks), 4096):
-                        cache[lo: min(lo + 4096, blocks[0] + len(blocks))].normal_(generator=g)
+            first, last = blocks[0] * pool.block_size, (blocks[0] + len(blocks)) * pool.block_size
+            for layer in pool.k:  # in place, row range by row range: no temporary of the KV's size
+                for cache in (pool.k[layer], pool.v[layer]):  # [Hkv, rows, hd]
+                    for lo in range(first, last, 1 << 16):
+                        cache[:, lo: min(lo + (1 << 16), last)].normal_(generator=g)
             for layer in pool.conv:
                 pool.conv[layer][req.slot].normal_(0.0, 0.5, generator=g)
                 pool.ssm[layer][req.slot].normal_(0.0, 0.5, generator=g)

@@ -91,7 +91,8 @@ def test_rollback_restores_exact_state(model):
         for layer in model.config.layer_indices("*"):
             k_ref = cache._kv[layer][0][0, : r.num_computed]
             table = eng.pool.block_tables[r.slot]
-            flat = eng.pool.k[layer][torch.tensor(table)].reshape(-1, *k_ref.shape[1:])[: r.num_computed]
+            rows = (torch.tensor(table)[:, None] * eng.pool.block_size + torch.arange(eng.pool.block_size)).view(-1)
+            flat = eng.pool.k[layer][:, rows].transpose(0, 1)[: r.num_computed]  # [positions, Hkv, hd]
             assert torch.allclose(flat, k_ref, atol=1e-5)
     assert rejected > 0
 
