@@ -83,7 +83,7 @@ def test_golden_greedy_outputs(llm, case):
 
 def test_golden_cases_cover_the_task_kinds():
     rows = {c["row"] for c in _golden()}
-    # golden cases are outputs the model gets right; v1 answers thinking-off arithmetic in the right form
+    # golden cases are outputs the model gets right; v1 and v2 answer thinking-off arithmetic in the right form
     # (a bare number, no trace) but never the right number, so that row has none
     assert {"arith_think", "tool_call", "needle_single", "sort"} <= rows
 
