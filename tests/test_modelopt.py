@@ -16,6 +16,7 @@ from torch import nn
 
 import hylm
 from engine_models import TINY, tiny_model
+from hylm.model.linear import Linear as DenseLinear
 from hylm.model.moe import Experts
 from hylm.model.quantized import (FP8Linear, NVFP4Linear, QuantizedExperts, dequantize_model, quantize_model,
                                   quantized_modules)
@@ -176,7 +177,7 @@ def _check_loaded(model, loaded, tensors, reference, fmt_of):
         else:
             module = loaded.get_submodule(name)
             if fmt is None:
-                assert type(module) is nn.Linear and torch.equal(module.weight, reference[ck]), ck
+                assert type(module) is DenseLinear and torch.equal(module.weight, reference[ck]), ck
                 continue
             assert isinstance(module, NVFP4Linear if fmt == "nvfp4" else FP8Linear), ck
             assert torch.equal(module.weight.view(torch.uint8), tensors[f"{ck}.weight"].view(torch.uint8)), ck
@@ -204,7 +205,7 @@ def test_nvfp4_checkpoint_loads_packed_and_matches_reference(tmp_path, dense):
     loaded = hylm.load_model(tmp_path / "nv")
     n = _check_loaded(dense, loaded, tensors, reference, _nvfp4_fmt)
     assert n == 12 + 2 * 2 * CFG.n_routed_experts  # 2 MoE layers x 4 Linears, MLP 2, Mamba 7: 2; experts
-    assert type(loaded.model.layers[0].mixer.in_proj) is nn.Linear  # Mamba layer before attention: bf16
+    assert type(loaded.model.layers[0].mixer.in_proj) is DenseLinear  # Mamba layer before attention: bf16
     for name, p in loaded.mtp.named_parameters():  # MTP bf16 in the file, dense in memory
         assert p.dtype == torch.float32 and torch.equal(p, dense.mtp.get_parameter(name).to(torch.bfloat16).float())
     assert not any(n.startswith("mtp.") for n in quantized_modules(loaded))
@@ -219,7 +220,7 @@ def test_mixed_precision_checkpoint_loads_packed_and_matches_reference(tmp_path,
     _check_loaded(dense, loaded, tensors, reference, _mixed_fmt)
     kinds = {type(m).__name__ for m in quantized_modules(loaded).values()}
     assert kinds == {"FP8Linear", "QuantizedExperts"}
-    assert type(loaded.model.layers[2].mixer.q_proj) is nn.Linear
+    assert type(loaded.model.layers[2].mixer.q_proj) is DenseLinear
     assert loaded.model.layers[1].mixer.experts.up_proj_weight_scale_2.shape == (CFG.n_routed_experts,)
     assert torch.equal(loaded.model.layers[0].mixer.in_proj.input_scale, torch.tensor(0.02))
     assert_logits_close(_logits(loaded), _logits(reference_model(dense, reference)))

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..ops.fp8 import tile_rows
 from ..ops.nvfp4 import routed_expert_mlp
+from .linear import Linear
 from .moe import Experts
 
 Q8_0_BLOCK = 32
@@ -95,9 +96,9 @@ class Q8_0Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_q8_0(self.qweight, self.scales, dtype)
 
-    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    def to_linear(self, dtype: torch.dtype = torch.float32) -> Linear:
         """A dense nn.Linear holding the dequantised weight."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype)
+        lin = Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype)
         with torch.no_grad():
             lin.weight.copy_(self.dequantize(dtype))
             if self.bias is not None:

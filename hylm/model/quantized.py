@@ -30,6 +30,7 @@ from torch import nn
 from ..config import ATTENTION, MAMBA, ModelConfig
 from ..ops.fp8 import E4M3_MAX, FP8_DTYPE, dequantize_fp8, fp8_linear, quantize_fp8
 from ..ops.nvfp4 import BLOCK, E2M1_MAX, dequantize_nvfp4, nvfp4_linear, quantize_nvfp4, routed_expert_mlp
+from .linear import Linear
 from .moe import Experts
 
 NVFP4, FP8 = "nvfp4", "fp8"
@@ -66,9 +67,9 @@ class _QuantizedLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
 
-    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    def to_linear(self, dtype: torch.dtype = torch.float32) -> Linear:
         """A dense nn.Linear with the dequantised weight."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype)
+        lin = Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype)
         with torch.no_grad():
             lin.weight.copy_(self.dequantize(dtype))
             if self.bias is not None:
