@@ -24,7 +24,7 @@ def test_onednn_path_matches_float64(rows, column_major, with_bias):
     if column_major:
         w = w.t().contiguous().t()  # the loader's CPU layout
     b = torch.randn(w.shape[0], generator=g) if with_bias else None
-    x = torch.randn(2, rows, w.shape[1], generator=g)[:, :, :]  # [2, rows, in]
+    x = torch.randn(2, rows, w.shape[1], generator=g)  # [2, rows, in]
     assert uses_onednn(x, w)
     y = linear(x, w, b)
     ref = _reference(x, w, b)

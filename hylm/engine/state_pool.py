@@ -217,6 +217,11 @@ class StatePool:
             m[2] = len(table)
         return m[1][first:last]
 
+    def _block_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Cache rows of every position in blocks ids [..., n] -> [..., n * block_size] (row = block * size + offset)."""
+        bs = self.block_size
+        return (ids[..., None] * bs + torch.arange(bs, device=ids.device)).flatten(-2)
+
     def kv_write(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         end = start + k.shape[0]
         first = start // self.block_size
@@ -238,8 +243,7 @@ class StatePool:
             r0 = int(ids[0]) * bs
             keys, values = self.k[layer][:, r0 + a: r0 + b], self.v[layer][:, r0 + a: r0 + b]  # [Hkv, L, hd] views
         else:
-            rows = (ids.to(self.k[layer].device)[:, None] * bs + torch.arange(bs, device=self.k[layer].device))
-            rows = rows.view(-1)[a:b]  # [L] cache rows
+            rows = self._block_rows(ids.to(self.k[layer].device))[a:b]  # [L] cache rows
             keys, values = self.k[layer][:, rows], self.v[layer][:, rows]  # [Hkv, L, hd] copies
         return keys.transpose(0, 1), values.transpose(0, 1)  # [hi - lo, Hkv, hd]
 
@@ -256,7 +260,7 @@ class StatePool:
             per_seq = math.ceil(longest / bs)
             ids = torch.tensor([self.block_tables[s][: p // bs + 1] + [0] * (per_seq - p // bs - 1)
                                 for s, p in zip(slots, positions)], dtype=torch.long)  # [B, blocks]
-            rows = (ids[:, :, None] * bs + torch.arange(bs)).view(len(slots), -1)[:, :longest]  # [B, L]
+            rows = self._block_rows(ids)[:, :longest]  # [B, L]
             new_rows = rows[torch.arange(len(slots)), torch.tensor(positions)]  # [B]
             device = k.device
             self._decode_rows = (batch, rows.to(device), new_rows.to(device))

@@ -73,3 +73,7 @@ class State(Protocol):
     def kv_read(self, layer: int, slot: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [hi - lo, Hkv, hd] of positions lo..hi of `slot` (long contexts are read in windows)."""
         ...
+
+    # Optional (the engine's pool has it; attention falls back to one sequence at a time without it):
+    # kv_decode(layer, batch, k, v) stores one new token per sequence of `batch` and returns all their keys
+    # and values padded to the longest, [B, L, Hkv, hd] each.

@@ -126,12 +126,13 @@ def padded_expert_mlp(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     num_experts = up.shape[0]
     flat_ids = ids.reshape(-1)  # [N*k]
     order = torch.argsort(flat_ids, stable=True)  # [N*k] assignments grouped by expert
+    expert_of = flat_ids[order]  # [N*k] expert of each sorted assignment
     starts = torch.cumsum(counts, 0) - counts  # [E] first sorted assignment of each expert
-    place = torch.arange(n * k, device=x.device) - starts[flat_ids[order]]  # [N*k] place within its expert
+    place = torch.arange(n * k, device=x.device) - starts[expert_of]  # [N*k] place within its expert
     table = torch.zeros(num_experts, capacity, dtype=torch.long, device=x.device)  # token of each place
     gate = torch.zeros(num_experts, capacity, dtype=torch.float32, device=x.device)  # its weight (0: empty)
-    table[flat_ids[order], place] = order // k
-    gate[flat_ids[order], place] = weights.reshape(-1)[order].float()
+    table[expert_of, place] = order // k
+    gate[expert_of, place] = weights.reshape(-1)[order].float()
     xs = x[table]  # [E, C, D]
     h = torch.relu(torch.bmm(xs, up.transpose(1, 2))).square()  # [E, C, I]
     y = torch.bmm(h, down.transpose(1, 2)).float() * gate.unsqueeze(-1)  # [E, C, D_out]
