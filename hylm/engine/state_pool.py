@@ -107,6 +107,7 @@ class StatePool:
         self.refs = [0] * sizes.num_blocks
         self.has_kv = bool(self.k)
         self._decode_rows: tuple | None = None  # (the batch, its padded cache rows, its new tokens' rows)
+        self._paged: tuple | None = None  # (the batch, its block tables, lengths, its new tokens' rows)
 
     # ---- allocation ----------------------------------------------------------------------------
     # KV blocks are reference-counted: a block may be shared by running sequences and prefix-cache
@@ -270,6 +271,27 @@ class StatePool:
             cache[:, new_rows] = new.transpose(0, 1).to(cache.dtype)  # [Hkv, B, hd]
             out.append(cache[:, rows].permute(1, 2, 0, 3))  # [Hkv, B, L, hd] -> [B, L, Hkv, hd]
         return out[0], out[1]
+
+    def kv_paged(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """One new token per sequence of batch: store k, v [B, Hkv, hd] at its position and return the cache
+        itself for a paged kernel: (k_cache, v_cache [Hkv, R, hd], block tables [B, max_blocks] int64, lengths
+        [B] int64 = context + 1, block size). Tables are built once per batch and shared by its layers."""
+        if self._paged is None or self._paged[0] is not batch:
+            bs = self.block_size
+            lengths = [p + 1 for p in batch.context_lens]
+            width = max(math.ceil(n / bs) for n in lengths)
+            tables = torch.tensor([self.block_tables[s][: math.ceil(n / bs)] + [0] * (width - math.ceil(n / bs))
+                                   for s, n in zip(batch.slots, lengths)], dtype=torch.long)  # [B, width]
+            new_rows = torch.tensor([self.block_tables[s][p // bs] * bs + p % bs
+                                     for s, p in zip(batch.slots, batch.context_lens)], dtype=torch.long)  # [B]
+            device = k.device
+            self._paged = (batch, tables.to(device), torch.tensor(lengths, dtype=torch.long, device=device),
+                           new_rows.to(device))
+        _, tables, lengths, new_rows = self._paged
+        for cache, new in ((self.k[layer], k), (self.v[layer], v)):
+            cache[:, new_rows] = new.transpose(0, 1).to(cache.dtype)  # [Hkv, B, hd]
+        return self.k[layer], self.v[layer], tables, lengths, self.block_size
 
     def kv_append(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.paged_attention import native_supported as paged_native_supported
+from ..ops.paged_attention import paged_decode_attention
 from .batch import Batch, State
 from .linear import Linear
 
@@ -25,6 +27,9 @@ SCORE_BUDGET = 1 << 24
 BATCHED_DECODE_MAX = 1 << 22
 # Few new tokens over a short context attend in one call with an explicit mask of at most this many elements.
 MASKED_CALL_MAX = 1 << 18
+# Decode tokens read the paged KV cache through hylm's native kernel where it is built (benchmarks flip this
+# to compare with the PyTorch paths in one process)
+native_decode_enabled = True
 try:
     _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 except (AttributeError, RuntimeError):  # an older torch without the op
@@ -61,6 +66,14 @@ class Attention(nn.Module):
                                v.view(b, t, *v.shape[1:]), context=0)  # [B, T, Hq, hd]
             return self.o_proj(out.reshape(n, -1))
 
+        if (state is not None and n == batch.num_seqs and min(batch.context_lens) > 0
+                and hasattr(state, "kv_paged") and self._native_decode(q, state)):
+            # one new token per sequence, all with earlier context: the native kernel reads the paged cache in
+            # place, every sequence and head in one call
+            k_cache, v_cache, tables, lengths, block_size = state.kv_paged(self.layer_idx, batch, k, v)
+            qg = q.view(n, self.num_kv_heads, -1, self.head_dim)  # [B, Hkv, g, hd]: query head h reads KV head h // g
+            out = paged_decode_attention(qg, k_cache, v_cache, tables, lengths, block_size, self.scale)
+            return self.o_proj(out.reshape(n, -1))
         if (state is not None and hasattr(state, "kv_decode") and batch.num_seqs > 1 and n == batch.num_seqs
                 and min(batch.context_lens) > 0
                 and n * (max(batch.context_lens) + 1) * self.num_kv_heads * self.head_dim <= BATCHED_DECODE_MAX):
@@ -129,6 +142,11 @@ class Attention(nn.Module):
             attn_mask=valid[:, None, None, :], scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads)  # [B, Hq, 1, hd]
         return out.squeeze(2)
+
+    def _native_decode(self, q: torch.Tensor, state: State) -> bool:
+        return native_decode_enabled and paged_native_supported(
+            q.device, q.dtype, getattr(state, "kv_dtype", q.dtype), self.num_heads // self.num_kv_heads,
+            self.head_dim)
 
     @staticmethod
     def _fused(x: torch.Tensor) -> bool:
