@@ -10,7 +10,11 @@ Two models, fp32, one sequence, the engine's chunked prefill (`--chunk` tokens p
          preset with random weights;
   super  shaped like Nemotron 3 Super at reduced width, random weights: 22 layers with Super's proportions
          (10 Mamba-2, 10 LatentMoE, 2 attention, i.e. Super's 40/40/8 over 88), Super's 2 KV heads,
-         SSM state size 128 and 8 groups.
+         SSM state size 128 and 8 groups;
+  super-wide  the same pattern at 3/8 of Super's width (hidden 1536, 12/2 attention heads x 128, 48 Mamba
+         heads, 32 experts top-4 with latent 384): 1.2 GiB of active fp32 weights per decode token, so the
+         short-context decode step is bandwidth-bound as Super's is (decode only is the useful run:
+         `--models super-wide --no-prefill`).
 
 Every measurement runs in a fresh subprocess, so each peak RSS (VmHWM) belongs to one length alone.
 
@@ -54,6 +58,13 @@ SUPER_MINI = dict(
     n_group=1, topk_group=1, norm_topk_prob=True, max_position_embeddings=1 << 20, bos_token_id=1, eos_token_id=2,
     pad_token_id=0, use_conv_bias=True,
 )
+# The same layer pattern at 3/8 of Super's width (hidden 1536 = 4096 x 3/8, Super's head sizes, 32 of its 512
+# experts): 1.2 GiB of fp32 weights read per decode token, so that the short-context step is bound by memory
+# bandwidth as Super's is, not by per-layer overhead, and the decode slowdown can be compared with the roofline's.
+SUPER_WIDE = dict(SUPER_MINI, vocab_size=16384, hidden_size=1536, num_attention_heads=12, head_dim=128,
+                  mamba_num_heads=48, moe_intermediate_size=1008, moe_latent_size=384,
+                  moe_shared_expert_intermediate_size=2016, intermediate_size=2016)
+MODELS = ("tiny", "super", "super-wide")
 TINY_DIR = ROOT / "models" / "hylm-tiny"
 BLOCK = 16
 MB = 1 << 20
@@ -84,7 +95,7 @@ def model_config(name: str):
     if name == "tiny":
         return ModelConfig.from_json(TINY_DIR / "config.json") if (TINY_DIR / "config.json").is_file() \
             else train_preset("hylm-tiny")
-    return ModelConfig(**SUPER_MINI)
+    return ModelConfig(**(SUPER_WIDE if name == "super-wide" else SUPER_MINI))
 
 
 def build_model(name: str):
@@ -235,6 +246,10 @@ def child(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.torch_attention:
+        import hylm.model.attention as attention
+
+        attention.native_decode_enabled = False
     runtime = rss_status()["VmRSS"]  # Python + torch + hylm imported, nothing built
     model, source = build_model(args.model)
     cfg = model.config
@@ -331,7 +346,7 @@ def fmt_time(s: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="tiny,super", help="comma-separated: tiny, super (default both)")
+    ap.add_argument("--models", default="tiny,super", help="comma-separated: tiny, super, super-wide (default tiny,super)")
     ap.add_argument("--lengths", default=None, help="prefill lengths, e.g. 4K,16K,1M (default 4K,16K,64K,256K)")
     ap.add_argument("--decode-lengths", default=None, help="decode contexts (default 1K,32K,128K,512K,1M)")
     ap.add_argument("--quick", action="store_true", help="prefill 4K,8K,16K; decode 1K,4K,16K; 12 decode tokens")
@@ -343,6 +358,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--compare-attention", action="store_true",
+                    help="also time each decode with the PyTorch attention paths instead of the native kernel")
+    ap.add_argument("--torch-attention", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="also write every result to this JSON file")
     ap.add_argument("--child", choices=("prefill", "decode"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -363,8 +381,8 @@ def main() -> None:
     new_tokens = 12 if args.quick and args.new_tokens == 24 else args.new_tokens
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
-        if m not in ("tiny", "super"):
-            raise SystemExit(f"unknown model {m!r} (tiny, super)")
+        if m not in MODELS:
+            raise SystemExit(f"unknown model {m!r} ({', '.join(MODELS)})")
     common = ["--chunk", str(args.chunk)] + (["--threads", str(args.threads)] if args.threads else [])
 
     print("# measuring the machine ...", file=sys.stderr, flush=True)
@@ -444,15 +462,25 @@ def main() -> None:
                     base = (n, ms, roof_ms)
                 slow, pslow = ms / base[1], roof_ms / base[2]
                 label = fmt_tokens(n) + (" (real prefill)" if how == "prefill" and args.decode_state != "prefill" else "")
-                drows.append((label, f"{ms:.2f}", f"{slow:.2f}x", f"{roof_ms:.3f}", f"{pslow:.2f}x",
-                              f"{(slow - pslow) / pslow:+.0%}", f"{roof_ms / ms:.0%}", f"{r['peak_rss'] / MB:,.0f}"))
+                row = [label, f"{ms:.2f}", f"{slow:.2f}x", f"{roof_ms:.3f}", f"{pslow:.2f}x",
+                       f"{(slow - pslow) / pslow:+.0%}", f"{roof_ms / ms:.0%}", f"{r['peak_rss'] / MB:,.0f}"]
                 print(f"  {name} decode @{label:>5}: {ms:8.2f} ms/token (mean {r['ms_per_token_mean']:.2f})  "
                       f"slowdown {slow:6.2f}x  roofline {roof_ms:8.3f} ms ({pslow:6.2f}x)", flush=True)
+                if args.compare_attention:
+                    rt = run_child(["--child", "decode", "--model", name, "--length", str(n), "--new-tokens",
+                                    str(new_tokens), "--decode-state", how, "--torch-attention", *common])
+                    rt["torch_attention"] = True
+                    results.append(rt)
+                    row += [f"{rt['ms_per_token']:.2f}", f"{rt['ms_per_token'] / ms:.2f}x"]
+                    print(f"  {name} decode @{label:>5}: {rt['ms_per_token']:8.2f} ms/token with PyTorch attention",
+                          flush=True)
+                drows.append(tuple(row))
             print(f"\n### {name}: decode, one sequence (median of {new_tokens} steps after 2 warm-up steps; slowdowns "
                   f"against {fmt_tokens(base[0])}; context {'synthesized: random KV and Mamba states of the exact sizes' if args.decode_state == 'synthetic' else 'prefilled'})\n")
+            extra_cols = " PyTorch attention ms/token | native speedup |" if args.compare_attention else ""
             print("| context | ms/token | slowdown | roofline ms/token | roofline slowdown | slowdown vs roofline's "
-                  "| of roofline | peak RSS (MiB) |")
-            print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+                  "| of roofline | peak RSS (MiB) |" + extra_cols)
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.compare_attention else ""))
             for row in drows:
                 print("| " + " | ".join(row) + " |")
     if args.json:
