@@ -24,7 +24,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
+SOURCES = tuple(sorted((Path(__file__).with_name("csrc")).glob("*.c")))  # built into one library
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 
@@ -50,19 +50,19 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(source: Path, compiler: str) -> Path:
-    text = source.read_bytes()
+def _build(sources: tuple[Path, ...], compiler: str) -> Path:
+    text = b"".join(src.name.encode() + src.read_bytes() for src in sources)
     key = hashlib.sha256(text + " ".join(FLAGS).encode() + _cpu_id().encode() + compiler.encode()).hexdigest()[:16]
-    out = cache_dir() / f"{source.stem}-{key}.so"
+    out = cache_dir() / f"hylm_native-{key}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        proc = subprocess.run([compiler, *FLAGS, "-o", str(tmp_out), str(source), "-lm"],
+        proc = subprocess.run([compiler, *FLAGS, "-o", str(tmp_out), *map(str, sources), "-lm"],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {source.name}: {proc.stderr.strip()[:2000]}")
+            raise RuntimeError(f"{compiler} failed on {', '.join(s.name for s in sources)}: {proc.stderr.strip()[:2000]}")
         os.replace(tmp_out, out)  # atomic: a concurrent process sees the old file or the whole new one
     return out
 
@@ -81,7 +81,7 @@ def library() -> ctypes.CDLL | None:
     try:
         import torch  # noqa: F401  (loads PyTorch's libgomp first, so the kernel binds to the same runtime)
 
-        lib = ctypes.CDLL(str(_build(SOURCE, compiler)))
+        lib = ctypes.CDLL(str(_build(SOURCES, compiler)))
     except Exception as e:  # a failed build only costs speed
         log.warning("native CPU kernels unavailable (%s); using PyTorch paths", e)
         return None
