@@ -223,11 +223,19 @@ def test_batched_decode_attention_equals_per_sequence_windows(model, monkeypatch
 @pytest.mark.skipif(not native.available(), reason="no C compiler: the native CPU kernels are not built")
 @pytest.mark.parametrize("kv_cache_dtype", [None, "bf16"])
 def test_native_paged_decode_equals_pytorch_paths(model, monkeypatch, kv_cache_dtype):
-    """Decode tokens attend through the native paged kernel (one call per layer for the whole batch, the
-    cache read in place through block tables); greedy tokens and logprobs equal the PyTorch paths', with
-    sequences of different lengths joining at different steps, block size 4, an fp32 or a bf16 cache."""
+    """Decode tokens, and short continuation chunks (several new tokens per sequence over a short context),
+    attend through the native paged kernel (one call per layer for the whole batch, the cache read in place
+    through block tables); greedy tokens and logprobs equal the PyTorch paths', with sequences of different
+    lengths joining at different steps, block size 4, an fp32 or a bf16 cache."""
     import hylm.model.attention as attention
+    from hylm.engine.state_pool import StatePool
     from hylm.ops import paged_attention
+
+    new_tokens = []
+    original_paged = StatePool.kv_paged
+    monkeypatch.setattr(StatePool, "kv_paged",
+                        lambda self, layer, batch, *a: new_tokens.append(max(batch.seq_lens))
+                        or original_paged(self, layer, batch, *a))
 
     prompts = random_prompts(5, 3, 40, seed=32)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -238,6 +246,7 @@ def test_native_paged_decode_equals_pytorch_paths(model, monkeypatch, kv_cache_d
     native_out, _ = staggered(model, prompts, params, 2, **cfg)
     native_lp = _logprob_run(model, prompts, kv_cache_dtype=kv_cache_dtype)
     assert calls and max(calls) >= 2  # batches of decoding sequences went through the kernel
+    assert 1 in new_tokens and max(new_tokens) > 1  # decode steps and multi-token chunks
     monkeypatch.setattr(attention, "native_decode_enabled", False)
     calls.clear()
     torch_out, _ = staggered(model, prompts, params, 2, **cfg)

@@ -274,23 +274,28 @@ class StatePool:
 
     def kv_paged(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """One new token per sequence of batch: store k, v [B, Hkv, hd] at its position and return the cache
-        itself for a paged kernel: (k_cache, v_cache [Hkv, R, hd], block tables [B, max_blocks] int64, lengths
-        [B] int64 = context + 1, block size). Tables are built once per batch and shared by its layers."""
+        """Store the new tokens' k, v [N, Hkv, hd] (packed as batch) at their positions and return the cache
+        itself for a paged kernel, one entry per new token: (k_cache, v_cache [Hkv, R, hd], block tables
+        [N, max_blocks] int64 (its sequence's), lengths [N] int64 (the positions it sees: its own and all
+        before), block size). Built once per batch and shared by its layers."""
         if self._paged is None or self._paged[0] is not batch:
             bs = self.block_size
-            lengths = [p + 1 for p in batch.context_lens]
-            width = max(math.ceil(n / bs) for n in lengths)
-            tables = torch.tensor([self.block_tables[s][: math.ceil(n / bs)] + [0] * (width - math.ceil(n / bs))
-                                   for s, n in zip(batch.slots, lengths)], dtype=torch.long)  # [B, width]
-            new_rows = torch.tensor([self.block_tables[s][p // bs] * bs + p % bs
-                                     for s, p in zip(batch.slots, batch.context_lens)], dtype=torch.long)  # [B]
+            width = max(math.ceil((c + n) / bs) for c, n in zip(batch.context_lens, batch.seq_lens))
+            tables, lengths, new_rows = [], [], []
+            for slot, ctx, n in zip(batch.slots, batch.context_lens, batch.seq_lens):
+                blocks = self.block_tables[slot][: math.ceil((ctx + n) / bs)]
+                padded = blocks + [0] * (width - len(blocks))
+                for pos in range(ctx, ctx + n):
+                    tables.append(padded)
+                    lengths.append(pos + 1)
+                    new_rows.append(blocks[pos // bs] * bs + pos % bs)
             device = k.device
-            self._paged = (batch, tables.to(device), torch.tensor(lengths, dtype=torch.long, device=device),
-                           new_rows.to(device))
+            self._paged = (batch, torch.tensor(tables, dtype=torch.long, device=device),
+                           torch.tensor(lengths, dtype=torch.long, device=device),
+                           torch.tensor(new_rows, dtype=torch.long, device=device))
         _, tables, lengths, new_rows = self._paged
         for cache, new in ((self.k[layer], k), (self.v[layer], v)):
-            cache[:, new_rows] = new.transpose(0, 1).to(cache.dtype)  # [Hkv, B, hd]
+            cache[:, new_rows] = new.transpose(0, 1).to(cache.dtype)  # [Hkv, N, hd]
         return self.k[layer], self.v[layer], tables, lengths, self.block_size
 
     def kv_append(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor

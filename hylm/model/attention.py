@@ -27,6 +27,11 @@ SCORE_BUDGET = 1 << 24
 BATCHED_DECODE_MAX = 1 << 22
 # Few new tokens over a short context attend in one call with an explicit mask of at most this many elements.
 MASKED_CALL_MAX = 1 << 18
+# Sequences with several new tokens (at most this many each) take the native kernel too while no context is
+# longer than PAGED_MAX_CONTEXT_MULTI: each token reads its sequence's cached prefix on its own, which costs
+# nothing while the prefix stays in cache and would multiply the reads of a long one.
+PAGED_MAX_NEW_TOKENS = 16
+PAGED_MAX_CONTEXT_MULTI = 8192
 # Decode tokens read the paged KV cache through hylm's native kernel where it is built (benchmarks flip this
 # to compare with the PyTorch paths in one process)
 native_decode_enabled = True
@@ -66,10 +71,13 @@ class Attention(nn.Module):
                                v.view(b, t, *v.shape[1:]), context=0)  # [B, T, Hq, hd]
             return self.o_proj(out.reshape(n, -1))
 
-        if (state is not None and n == batch.num_seqs and min(batch.context_lens) > 0
-                and hasattr(state, "kv_paged") and self._native_decode(q, state)):
-            # one new token per sequence, all with earlier context: the native kernel reads the paged cache in
-            # place, every sequence and head in one call
+        if (state is not None and min(batch.context_lens) > 0 and hasattr(state, "kv_paged")
+                and (n == batch.num_seqs or (max(batch.seq_lens) <= PAGED_MAX_NEW_TOKENS
+                                             and max(batch.context_lens) <= PAGED_MAX_CONTEXT_MULTI))
+                and self._native_decode(q, state)):
+            # decode tokens (or a few new tokens per sequence over a short context: speculative verification,
+            # the MTP's catch-up), all with earlier context: the native kernel reads the paged cache in place,
+            # every token and head in one call, each token over the positions up to its own
             k_cache, v_cache, tables, lengths, block_size = state.kv_paged(self.layer_idx, batch, k, v)
             qg = q.view(n, self.num_kv_heads, -1, self.head_dim)  # [B, Hkv, g, hd]: query head h reads KV head h // g
             out = paged_decode_attention(qg, k_cache, v_cache, tables, lengths, block_size, self.scale)
