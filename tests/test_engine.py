@@ -180,8 +180,8 @@ def _logprob_run(model, prompts, **cfg):
 
 def test_narrow_kv_cache_dtype(model):
     """--kv-cache-dtype bf16 on an fp32 model: the KV blocks hold bf16 (half the bytes), outputs stay within
-    bf16 rounding of the fp32 cache's, and chunking the prefill does not change them at all (every path
-    attends to what the cache holds)."""
+    bf16 rounding of the fp32 cache's, and chunking the prefill changes nothing beyond fp32 rounding (every
+    path attends to what the cache holds)."""
     prompts = random_prompts(3, 9, 30, seed=21)
     wide = LLMEngine(model, EngineConfig(max_num_seqs=2, max_model_len=64))
     narrow = LLMEngine(model, EngineConfig(max_num_seqs=2, max_model_len=64, kv_cache_dtype="bf16"))
@@ -192,7 +192,8 @@ def test_narrow_kv_cache_dtype(model):
     small_chunks = _logprob_run(model, prompts, kv_cache_dtype="bf16", max_num_batched_tokens=5)
     for (t_ref, lp_ref), (t1, lp1), (t2, lp2) in zip(ref, one_chunk, small_chunks):
         assert t1 == t2
-        assert max(abs(a - b) for a, b in zip(lp1, lp2)) < 1e-5
+        # to fp32 rounding: chunks of 5 and of 64 rows run their products on different GEMM kernels
+        assert max(abs(a - b) for a, b in zip(lp1, lp2)) < 1e-4
         n = next((j for j, (a, b) in enumerate(zip(t_ref, t1)) if a != b), len(t1))
         assert n > 0 and max(abs(a - b) for a, b in zip(lp_ref[:n], lp1[:n])) < 0.05
     with pytest.raises(ValueError, match="kv_cache_dtype"):

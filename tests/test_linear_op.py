@@ -54,3 +54,37 @@ def test_falls_back_where_onednn_does_not_apply():
         assert not uses_onednn(x.bfloat16(), w.bfloat16())
         assert not uses_onednn(torch.empty(0, 1 << 9), w)
         assert linear(torch.empty(0, 1 << 9), w).shape == (0, 1 << 11)
+
+
+needs_native = pytest.mark.skipif(not __import__("hylm.ops.native", fromlist=["x"]).available(),
+                                  reason="no C compiler: native kernels not built")
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("shape", [(1664, 192), (100, 384), (384, 200), (203, 512), (300, 130)])
+@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_native_rows_match_float64(rows, shape, column_major, with_bias):
+    """The native few-row kernels (row-major and column-major weights, output counts and input sizes that are
+    and aren't multiples of the vector tiles) against a float64 product."""
+    g = torch.Generator().manual_seed(rows + shape[0])
+    w = torch.randn(*shape, generator=g)
+    if column_major:
+        w = w.t().contiguous().t()
+    b = torch.randn(shape[0], generator=g) if with_bias else None
+    x = torch.randn(rows, shape[1], generator=g)
+    assert linear_op.uses_native_rows(x, w, b)
+    y = linear(x, w, b)
+    ref = _reference(x, w, b)
+    assert y.shape == (rows, shape[0]) and y.dtype == torch.float32
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_native_rows_route():
+    w = torch.randn(1664, 192)
+    assert not linear_op.uses_native_rows(torch.randn(9, 192), w, None)  # many rows: MKL / oneDNN
+    assert not linear_op.uses_native_rows(torch.randn(2, 64), torch.randn(64, 64), None)  # tiny weight: MKL
+    assert not linear_op.uses_native_rows(torch.randn(2, 192, dtype=torch.float64), w.double(), None)
+    wg = w.clone().requires_grad_()
+    assert not linear_op.uses_native_rows(torch.randn(2, 192), wg, None)  # autograd: F.linear

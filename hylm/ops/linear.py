@@ -1,4 +1,4 @@
-"""y = x @ W^T + b for every dense product of the model, on the fastest kernel PyTorch ships for the case.
+"""y = x @ W^T + b for every dense product of the model, on the fastest kernel measured for the case.
 
 On CPU in fp32, `F.linear` goes to MKL's sgemm, which on AMD processors (this project's machines) runs
 skinny and large products at a fraction of the hardware: measured on 2 cores, a [32, 512] x [512, 32000]
@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 # Weights of at least this many elements take oneDNN whatever the row count; smaller ones from this many
 # rows on (prefill chunks), when the weight is not tiny (below that, neither kernel is memory-bound).
 ONEDNN_MIN_WEIGHT = 1 << 20
@@ -25,6 +27,16 @@ try:
     _ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
 except (AttributeError, RuntimeError):  # a build without oneDNN
     _ONEDNN_LINEAR = None
+
+# Up to NATIVE_MAX_ROWS rows over a cache-resident weight (NATIVE_MIN_WEIGHT <= elements < NATIVE_MAX_WEIGHT)
+# take hylm's native kernels (hylm/ops/csrc/linear_rows.c), for row-major or column-major weights: MKL takes
+# 2-3x longer for two rows than for one on such products, and its one-row product is slower too (measured
+# with the loader's column-major weights, [r, 192] x [192, 1664]: MKL 35 / 71 / 79 us for 1 / 2 / 6 rows,
+# native 17 / 27 / 49 us). Decode steps, small decode batches and speculative verification are made of these.
+# Tiny weights stay on MKL (its fixed cost is lower), large ones on oneDNN (bandwidth-bound either way).
+NATIVE_MAX_ROWS = 8
+NATIVE_MIN_WEIGHT = 1 << 15
+NATIVE_MAX_WEIGHT = 1 << 20
 
 enabled = True  # benchmarks flip this to measure the difference in one process
 
@@ -43,10 +55,38 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
                                                     and weight.numel() >= ONEDNN_MIN_WEIGHT_BATCHED)
 
 
+def uses_native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if not enabled or x.device.type != "cpu" or weight.dim() != 2 or x.dtype != torch.float32:
+        return False
+    if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    rows = x.numel() // max(1, x.shape[-1])
+    return (1 <= rows <= NATIVE_MAX_ROWS and NATIVE_MIN_WEIGHT <= weight.numel() < NATIVE_MAX_WEIGHT
+            and (weight.is_contiguous() or weight.t().is_contiguous()) and native.available())
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in]^T + bias -> [..., out]."""
+    if uses_native_rows(x, weight, bias):
+        return _native_rows(x, weight, bias)
     if not uses_onednn(x, weight) or (bias is not None and bias.dtype != torch.float32):
         return F.linear(x, weight, bias)
     k = x.shape[-1]
     y = _ONEDNN_LINEAR(x.reshape(-1, k).contiguous(), weight, bias, "none", [], "")  # [rows, out]
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {k}")
+    rows = x.reshape(-1, k).contiguous()  # [R, in]
+    out = torch.empty(rows.shape[0], n, dtype=torch.float32)  # [R, out]
+    b = bias.contiguous() if bias is not None else None
+    lib = native.library()
+    kernel = lib.hylm_linear_rows if weight.is_contiguous() else lib.hylm_linear_rows_t  # [out, in] or [in, out]
+    kernel(rows.data_ptr(), weight.data_ptr(), b.data_ptr() if b is not None else None, out.data_ptr(),
+           rows.shape[0], k, n)
+    return out.view(*x.shape[:-1], n)

@@ -89,6 +89,10 @@ def library() -> ctypes.CDLL | None:
     lib.hylm_paged_decode.restype = i32
     lib.hylm_paged_decode.argtypes = [ptr, ptr, ptr, i32, i64, ptr, i64, ptr, i32, i32, i32, i32, i64,
                                       ctypes.c_float, i32, ptr, ptr]
+    lib.hylm_linear_rows.restype = i32
+    lib.hylm_linear_rows.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
+    lib.hylm_linear_rows_t.restype = i32
+    lib.hylm_linear_rows_t.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
     return lib
 
 
