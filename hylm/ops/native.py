@@ -24,7 +24,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(sorted((Path(__file__).with_name("csrc")).glob("*.c")))  # built into one library
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(sorted(CSRC.glob("*.c")))  # built into one library
+HEADERS = tuple(sorted(CSRC.glob("*.h")))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 
@@ -51,7 +53,7 @@ def _compiler() -> str | None:
 
 
 def _build(sources: tuple[Path, ...], compiler: str) -> Path:
-    text = b"".join(src.name.encode() + src.read_bytes() for src in sources)
+    text = b"".join(src.name.encode() + src.read_bytes() for src in sources + HEADERS)
     key = hashlib.sha256(text + " ".join(FLAGS).encode() + _cpu_id().encode() + compiler.encode()).hexdigest()[:16]
     out = cache_dir() / f"hylm_native-{key}.so"
     if out.is_file():
