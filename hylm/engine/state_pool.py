@@ -280,19 +280,18 @@ class StatePool:
         before), block size). Built once per batch and shared by its layers."""
         if self._paged is None or self._paged[0] is not batch:
             bs = self.block_size
-            width = max(math.ceil((c + n) / bs) for c, n in zip(batch.context_lens, batch.seq_lens))
-            tables, lengths, new_rows = [], [], []
-            for slot, ctx, n in zip(batch.slots, batch.context_lens, batch.seq_lens):
-                blocks = self.block_tables[slot][: math.ceil((ctx + n) / bs)]
-                padded = blocks + [0] * (width - len(blocks))
-                for pos in range(ctx, ctx + n):
-                    tables.append(padded)
-                    lengths.append(pos + 1)
-                    new_rows.append(blocks[pos // bs] * bs + pos % bs)
+            needed = [math.ceil((c + n) / bs) for c, n in zip(batch.context_lens, batch.seq_lens)]
+            # one row per sequence, copied from the per-slot tensor mirrors: no Python list as long as the
+            # context (a 1M-token sequence has 65K blocks of 16)
+            per_seq = torch.zeros(batch.num_seqs, max(needed), dtype=torch.long)  # [B, width]
+            for i, (slot, nb) in enumerate(zip(batch.slots, needed)):
+                per_seq[i, :nb] = self._table(slot, 0, nb)
+            seq_of_row = torch.repeat_interleave(torch.arange(batch.num_seqs), torch.tensor(batch.seq_lens))  # [N]
+            positions = torch.cat([torch.arange(c, c + n) for c, n in zip(batch.context_lens, batch.seq_lens)])  # [N]
+            tables = per_seq[seq_of_row]  # [N, width]
+            new_rows = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs  # [N]
             device = k.device
-            self._paged = (batch, torch.tensor(tables, dtype=torch.long, device=device),
-                           torch.tensor(lengths, dtype=torch.long, device=device),
-                           torch.tensor(new_rows, dtype=torch.long, device=device))
+            self._paged = (batch, tables.to(device), (positions + 1).to(device), new_rows.to(device))
         _, tables, lengths, new_rows = self._paged
         for cache, new in ((self.k[layer], k), (self.v[layer], v)):
             cache[:, new_rows] = new.transpose(0, 1).to(cache.dtype)  # [Hkv, N, hd]
