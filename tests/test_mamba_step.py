@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from hylm.ops import native
-from hylm.ops.conv1d import causal_conv1d_step
+from hylm.ops.conv1d import causal_conv1d, causal_conv1d_step, conv_states_after_each
 from hylm.ops.mamba_step import mamba_decode_step
-from hylm.ops.ssd import ssd_step
+from hylm.ops.ssd import ssd_step, ssd_steps
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: native kernels not built")
 
@@ -41,12 +41,46 @@ def test_native_step_matches_reference_ops(heads, head_dim, groups, state, kerne
     y_ref = ssd_step(ref_ssm, xs.view(b, heads, head_dim), dt_ref, a, bm.view(b, groups, state),
                      cm.view(b, groups, state), d, state_indices=slots, backend="torch")
 
-    y = mamba_decode_step(xbc, dt, conv_pool, conv_w, conv_b, dt_bias, a, d, limits, ssm_pool, slots, groups)
+    y, _, _ = mamba_decode_step(xbc, dt, conv_pool, conv_w, conv_b, dt_bias, a, d, limits, ssm_pool, slots, groups)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(conv_pool, ref_conv, rtol=0, atol=0)  # the shift is exact
     torch.testing.assert_close(ssm_pool, ref_ssm, rtol=1e-5, atol=1e-5)
     untouched = [0, 2, 5]
     assert torch.equal(conv_pool[untouched], ref_conv[untouched])
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 6])
+def test_native_steps_keep_every_state_like_the_reference(tokens):
+    """Speculative verification: t tokens per sequence, the states after every token kept (the reference is
+    the mixer's keep path: conv_states_after_each, the causal conv from the state, ssd_steps)."""
+    g = torch.Generator().manual_seed(tokens)
+    heads, head_dim, groups, state, kernel, b = 12, 32, 2, 32, 4, 2
+    c = heads * head_dim + 2 * groups * state
+    proj = torch.randn(b * tokens, c + heads, generator=g)
+    xbc, dt = proj[:, :c], proj[:, c:]
+    conv_w, conv_b = torch.randn(c, kernel, generator=g) * 0.5, torch.randn(c, generator=g)
+    dt_bias, a, d = torch.randn(heads, generator=g), -torch.rand(heads, generator=g), torch.randn(heads, generator=g)
+    conv_pool = torch.randn(4, c, kernel - 1, generator=g)
+    ssm_pool = torch.randn(4, heads, head_dim, state, generator=g)
+    slots = torch.tensor([2, 0])
+
+    x3 = xbc.reshape(b, tokens, c)
+    conv0, ssm0 = conv_pool[slots].clone(), ssm_pool[slots].clone()
+    convs_ref = conv_states_after_each(x3, conv0)  # [b, t, C, K-1]
+    h, _ = causal_conv1d(x3, conv_w, conv_b, conv0.clone())
+    h = F.silu(h)
+    xs, bm, cm = h.split([heads * head_dim, groups * state, groups * state], dim=-1)
+    dt_ref = F.softplus(dt.reshape(b, tokens, heads) + dt_bias)
+    y_ref, ssms_ref = ssd_steps(ssm0, xs.reshape(b, tokens, heads, head_dim), dt_ref, a,
+                                bm.reshape(b, tokens, groups, state), cm.reshape(b, tokens, groups, state), d)
+
+    y, convs, ssms = mamba_decode_step(xbc, dt, conv_pool, conv_w, conv_b, dt_bias, a, d, (0.0, math.inf),
+                                       ssm_pool, slots, groups, tokens=tokens, keep_states=True)
+    torch.testing.assert_close(y.view(b, tokens, heads, head_dim), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(convs, convs_ref, rtol=0, atol=0)
+    torch.testing.assert_close(ssms, ssms_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ssm_pool[slots], ssms_ref[:, -1], rtol=1e-5, atol=1e-5)  # the pool: last state
+    torch.testing.assert_close(conv_pool[slots], convs_ref[:, -1], rtol=0, atol=0)
 
 
 def test_engine_outputs_equal_with_and_without_the_native_step(monkeypatch):

@@ -20,8 +20,10 @@ from .linear import Linear
 from .norm import GatedRMSNorm
 
 
-# Decode tokens take the fused native step where it is built (benchmarks and tests flip this to compare)
+# Decode tokens, and speculative verification (up to NATIVE_MAX_KEEP_TOKENS tokens per sequence, the states
+# after each kept), take the fused native step where it is built (benchmarks and tests flip this to compare)
 native_step_enabled = True
+NATIVE_MAX_KEEP_TOKENS = 16
 
 
 class Mamba2Mixer(nn.Module):
@@ -59,23 +61,32 @@ class Mamba2Mixer(nn.Module):
         out = self.norm(y.view(x.shape[0], self.d_inner), z, x.dtype)  # [N, d_inner]
         return self.out_proj(out)
 
-    def _native_step(self, seqs: list[int], xbc: torch.Tensor, dt: torch.Tensor, y: torch.Tensor, batch: Batch,
-                     conv_all: torch.Tensor, ssm_all: torch.Tensor, whole: bool) -> None:
-        """One token for each of the sequences seqs: the fused native step, states updated in the pool."""
+    def _native_step(self, seqs: list[int], t: int, keep: bool, xbc: torch.Tensor, dt: torch.Tensor,
+                     y: torch.Tensor, batch: Batch, conv_all: torch.Tensor, ssm_all: torch.Tensor, whole: bool
+                     ) -> None:
+        """t tokens for each of the sequences seqs through the fused native step, states updated in the pool
+        (keep: the states after every token go to batch.saved_states, for speculative rollback)."""
         slot_list = [batch.slots[i] for i in seqs]
         fresh = [s for s, i in zip(slot_list, seqs) if batch.context_lens[i] == 0]
         if fresh:  # a sequence without context starts from zeros, whatever its slot held before
             conv_all[fresh] = 0
             ssm_all[fresh] = 0
-        rows = None if whole else torch.tensor([batch.offsets[i] for i in seqs], device=xbc.device)  # [b]
-        out = mamba_decode_step(
+        rows = None
+        if not whole:
+            starts = torch.tensor([batch.offsets[i] for i in seqs], device=xbc.device)
+            rows = (starts[:, None] + torch.arange(t, device=xbc.device)).reshape(-1)  # [b*t]
+        out, convs, ssms = mamba_decode_step(
             xbc if whole else xbc[rows], dt if whole else dt[rows], conv_all, self.conv1d.weight.squeeze(1),
             self.conv1d.bias, self.dt_bias, -torch.exp(self.A_log.float()), self.D, (self.dt_min, self.dt_max),
-            ssm_all, torch.tensor(slot_list), self.n_groups)  # [b, H, P]
+            ssm_all, torch.tensor(slot_list), self.n_groups, tokens=t, keep_states=keep)  # [b*t, H, P]
         if whole:
             y.copy_(out)
         else:
             y[rows] = out
+        if keep:
+            layer_saved = batch.saved_states.setdefault(self.layer_idx, {})
+            for g, i in enumerate(seqs):
+                layer_saved[i] = (convs[g], ssms[g])  # [t, C, K-1], [t, H, P, N]
 
     def _scan_group(self, seqs: list[int], xbc: torch.Tensor, dt: torch.Tensor, y: torch.Tensor,
                     batch: Batch, state: State | None) -> None:
@@ -83,11 +94,11 @@ class Mamba2Mixer(nn.Module):
         t = batch.seq_lens[seqs[0]]
         b = len(seqs)
         whole = b == batch.num_seqs  # the group is the whole packed batch: use views, not gathers
-        if (t == 1 and state is not None and native_step_enabled
-                and not (batch.keep_states and batch.keep_states[seqs[0]])):
+        keep = bool(batch.keep_states and batch.keep_states[seqs[0]])
+        if state is not None and native_step_enabled and (t == 1 or (keep and t <= NATIVE_MAX_KEEP_TOKENS)):
             conv_all, ssm_all = state.mamba(self.layer_idx)
             if native_step_supported(xbc, conv_all, ssm_all):
-                self._native_step(seqs, xbc, dt, y, batch, conv_all, ssm_all, whole)
+                self._native_step(seqs, t, keep, xbc, dt, y, batch, conv_all, ssm_all, whole)
                 return
         if not whole:
             starts = torch.tensor([batch.offsets[i] for i in seqs], device=xbc.device)
