@@ -277,25 +277,33 @@ class StatePool:
         """Store the new tokens' k, v [N, Hkv, hd] (packed as batch) at their positions and return the cache
         itself for a paged kernel, one entry per new token: (k_cache, v_cache [Hkv, R, hd], block tables
         [N, max_blocks] int64 (its sequence's), lengths [N] int64 (the positions it sees: its own and all
-        before), block size). Built once per batch and shared by its layers."""
+        before), block size, the longest length). Built once per batch and shared by its layers."""
         if self._paged is None or self._paged[0] is not batch:
             bs = self.block_size
             needed = [math.ceil((c + n) / bs) for c, n in zip(batch.context_lens, batch.seq_lens)]
-            # one row per sequence, copied from the per-slot tensor mirrors: no Python list as long as the
-            # context (a 1M-token sequence has 65K blocks of 16)
-            per_seq = torch.zeros(batch.num_seqs, max(needed), dtype=torch.long)  # [B, width]
-            for i, (slot, nb) in enumerate(zip(batch.slots, needed)):
-                per_seq[i, :nb] = self._table(slot, 0, nb)
-            seq_of_row = torch.repeat_interleave(torch.arange(batch.num_seqs), torch.tensor(batch.seq_lens))  # [N]
-            positions = torch.cat([torch.arange(c, c + n) for c, n in zip(batch.context_lens, batch.seq_lens)])  # [N]
-            tables = per_seq[seq_of_row]  # [N, width]
-            new_rows = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs  # [N]
+            positions_list = [p for c, n in zip(batch.context_lens, batch.seq_lens) for p in range(c, c + n)]
+            if batch.num_seqs == 1 and batch.seq_lens[0] == 1:  # a lone decode token: the slot's mirror, no copy
+                tables = self._table(batch.slots[0], 0, needed[0])[None]  # [1, blocks]
+            else:
+                # one row per sequence, copied from the per-slot tensor mirrors: no Python list as long as the
+                # context (a 1M-token sequence has 65K blocks of 16)
+                per_seq = torch.zeros(batch.num_seqs, max(needed), dtype=torch.long)  # [B, width]
+                for i, (slot, nb) in enumerate(zip(batch.slots, needed)):
+                    per_seq[i, :nb] = self._table(slot, 0, nb)
+                tables = per_seq if max(batch.seq_lens) == 1 else per_seq[
+                    torch.repeat_interleave(torch.arange(batch.num_seqs), torch.tensor(batch.seq_lens))]  # [N, width]
+            new_rows = []
+            for slot, c, n in zip(batch.slots, batch.context_lens, batch.seq_lens):
+                table = self.block_tables[slot]
+                new_rows += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
             device = k.device
-            self._paged = (batch, tables.to(device), (positions + 1).to(device), new_rows.to(device))
-        _, tables, lengths, new_rows = self._paged
+            lengths = torch.tensor([p + 1 for p in positions_list], dtype=torch.long, device=device)
+            self._paged = (batch, tables.to(device), lengths, torch.tensor(new_rows, dtype=torch.long, device=device),
+                           max(positions_list) + 1)
+        _, tables, lengths, new_rows, longest = self._paged
         for cache, new in ((self.k[layer], k), (self.v[layer], v)):
             cache[:, new_rows] = new.transpose(0, 1).to(cache.dtype)  # [Hkv, N, hd]
-        return self.k[layer], self.v[layer], tables, lengths, self.block_size
+        return self.k[layer], self.v[layer], tables, lengths, self.block_size, longest
 
     def kv_append(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,9 +78,10 @@ class Attention(nn.Module):
             # decode tokens (or a few new tokens per sequence over a short context: speculative verification,
             # the MTP's catch-up), all with earlier context: the native kernel reads the paged cache in place,
             # every token and head in one call, each token over the positions up to its own
-            k_cache, v_cache, tables, lengths, block_size = state.kv_paged(self.layer_idx, batch, k, v)
+            k_cache, v_cache, tables, lengths, block_size, longest = state.kv_paged(self.layer_idx, batch, k, v)
             qg = q.view(n, self.num_kv_heads, -1, self.head_dim)  # [B, Hkv, g, hd]: query head h reads KV head h // g
-            out = paged_decode_attention(qg, k_cache, v_cache, tables, lengths, block_size, self.scale)
+            out = paged_decode_attention(qg, k_cache, v_cache, tables, lengths, block_size, self.scale,
+                                         longest=longest)
             return self.o_proj(out.reshape(n, -1))
         if (state is not None and hasattr(state, "kv_decode") and batch.num_seqs > 1 and n == batch.num_seqs
                 and min(batch.context_lens) > 0

@@ -29,10 +29,11 @@ def native_supported(device: torch.device, q_dtype: torch.dtype, kv_dtype: torch
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, lengths: torch.Tensor, block_size: int, scale: float,
-                           backend: str = "auto") -> torch.Tensor:
+                           backend: str = "auto", longest: int | None = None) -> torch.Tensor:
     """q [B, Hkv, G, hd] (the G query heads that read each KV head), caches [Hkv, R, hd], block_tables
     [B, max_blocks] int64, lengths [B] int64 (positions attended, >= 1). -> [B, Hkv, G, hd] in q's dtype.
-    backend: "auto" (native where supported), "native" or "torch"."""
+    backend: "auto" (native where supported), "native" or "torch". longest: max(lengths) when the caller
+    knows it and vouches for the inputs (the engine's state pool: skips reading the lengths back to check them)."""
     if backend not in ("auto", "native", "torch"):
         raise ValueError(f"backend must be auto, native or torch, got {backend!r}")
     supported = native_supported(q.device, q.dtype, k_cache.dtype, q.shape[2], q.shape[3])
@@ -41,7 +42,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise RuntimeError("the native paged decode kernel is not available for these inputs")
     if not use_native:
         return paged_decode_reference(q, k_cache, v_cache, block_tables, lengths, block_size, scale)
-    return _native(q, k_cache, v_cache, block_tables, lengths, block_size, scale)
+    return _native(q, k_cache, v_cache, block_tables, lengths, block_size, scale, longest)
 
 
 def _splits(batch: int, heads: int, longest: int) -> int:
@@ -52,7 +53,7 @@ def _splits(batch: int, heads: int, longest: int) -> int:
     return max(1, min(want, math.ceil(longest / MIN_SPLIT)))
 
 
-def _native(q, k_cache, v_cache, block_tables, lengths, block_size, scale) -> torch.Tensor:
+def _native(q, k_cache, v_cache, block_tables, lengths, block_size, scale, longest=None) -> torch.Tensor:
     b, h, g, d = q.shape
     if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype or k_cache.shape[0] != h:
         raise ValueError(f"caches must both be [{h}, R, {d}] of one dtype, got {tuple(k_cache.shape)}, "
@@ -62,9 +63,10 @@ def _native(q, k_cache, v_cache, block_tables, lengths, block_size, scale) -> to
     q = q.contiguous()
     tables = block_tables.to(torch.int64).contiguous()
     lens = lengths.to(torch.int64).contiguous()
-    longest = int(lens.max()) if b else 0
-    if b and (int(lens.min()) < 1 or tables.shape[1] * block_size < longest):
-        raise ValueError("every sequence needs 1..max_blocks * block_size positions")
+    if longest is None:  # an outside caller: check what the kernel will index with
+        longest = int(lens.max()) if b else 0
+        if b and (int(lens.min()) < 1 or tables.shape[1] * block_size < longest):
+            raise ValueError("every sequence needs 1..max_blocks * block_size positions")
     splits = _splits(b, h, longest)
     work = torch.empty(b * h * splits, g * d + 2 * g, dtype=torch.float32)
     out = torch.empty_like(q)
