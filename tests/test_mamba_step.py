@@ -100,8 +100,14 @@ def test_engine_outputs_equal_with_and_without_the_native_step(monkeypatch):
         llm = LLM(model, block_size=4, max_num_seqs=3)
         return [(c.outputs[0].token_ids, c.outputs[0].logprobs) for c in llm.generate(prompts, params)]
 
+    calls = []
+    original = mamba2.mamba_decode_step
+    monkeypatch.setattr(mamba2, "mamba_decode_step", lambda *a, **k: calls.append(1) or original(*a, **k))
     fused = run()
+    assert calls  # the decode steps went through the fused kernel
     monkeypatch.setattr(mamba2, "native_step_enabled", False)
+    calls.clear()
     reference = run()
+    assert not calls
     for (t1, lp1), (t2, lp2) in zip(fused, reference):
         assert t1 == t2 and max(abs(x - y) for x, y in zip(lp1, lp2)) < 1e-4

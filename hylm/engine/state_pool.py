@@ -107,7 +107,7 @@ class StatePool:
         self.refs = [0] * sizes.num_blocks
         self.has_kv = bool(self.k)
         self._decode_rows: tuple | None = None  # (the batch, its padded cache rows, its new tokens' rows)
-        self._paged: tuple | None = None  # (the batch, its block tables, lengths, its new tokens' rows)
+        self._paged: tuple | None = None  # (the batch, its block tables, lengths, new tokens' rows, longest)
 
     # ---- allocation ----------------------------------------------------------------------------
     # KV blocks are reference-counted: a block may be shared by running sequences and prefix-cache
@@ -273,7 +273,7 @@ class StatePool:
         return out[0], out[1]
 
     def kv_paged(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
         """Store the new tokens' k, v [N, Hkv, hd] (packed as batch) at their positions and return the cache
         itself for a paged kernel, one entry per new token: (k_cache, v_cache [Hkv, R, hd], block tables
         [N, max_blocks] int64 (its sequence's), lengths [N] int64 (the positions it sees: its own and all

@@ -74,6 +74,8 @@ class State(Protocol):
         """Keys and values [hi - lo, Hkv, hd] of positions lo..hi of `slot` (long contexts are read in windows)."""
         ...
 
-    # Optional (the engine's pool has it; attention falls back to one sequence at a time without it):
-    # kv_decode(layer, batch, k, v) stores one new token per sequence of `batch` and returns all their keys
-    # and values padded to the longest, [B, L, Hkv, hd] each.
+    # Optional (the engine's pool has them; attention falls back to one sequence at a time without them):
+    # kv_paged(layer, batch, k, v) stores the batch's new tokens and returns the paged cache itself with one
+    # block table and length per new token, for the native decode kernel; kv_decode(layer, batch, k, v)
+    # stores one new token per sequence and returns all their keys and values padded to the longest,
+    # [B, L, Hkv, hd] each, for the PyTorch paths.

@@ -61,32 +61,31 @@ class Mamba2Mixer(nn.Module):
         out = self.norm(y.view(x.shape[0], self.d_inner), z, x.dtype)  # [N, d_inner]
         return self.out_proj(out)
 
-    def _native_step(self, seqs: list[int], t: int, keep: bool, xbc: torch.Tensor, dt: torch.Tensor,
-                     y: torch.Tensor, batch: Batch, conv_all: torch.Tensor, ssm_all: torch.Tensor, whole: bool
-                     ) -> None:
-        """t tokens for each of the sequences seqs through the fused native step, states updated in the pool
-        (keep: the states after every token go to batch.saved_states, for speculative rollback)."""
+    @staticmethod
+    def _reset_fresh(seqs: list[int], batch: Batch, conv_all: torch.Tensor, ssm_all: torch.Tensor) -> list[int]:
+        """A sequence without context starts from zeros, whatever its slot held before. Returns seqs' slots."""
         slot_list = [batch.slots[i] for i in seqs]
         fresh = [s for s, i in zip(slot_list, seqs) if batch.context_lens[i] == 0]
-        if fresh:  # a sequence without context starts from zeros, whatever its slot held before
+        if fresh:
             conv_all[fresh] = 0
             ssm_all[fresh] = 0
-        rows = None
-        if not whole:
-            starts = torch.tensor([batch.offsets[i] for i in seqs], device=xbc.device)
-            rows = (starts[:, None] + torch.arange(t, device=xbc.device)).reshape(-1)  # [b*t]
+        return slot_list
+
+    def _native_step(self, seqs: list[int], t: int, keep: bool, xbc_g: torch.Tensor, dt_g: torch.Tensor,
+                     batch: Batch, conv_all: torch.Tensor, ssm_all: torch.Tensor) -> torch.Tensor:
+        """t tokens for each of the sequences seqs (their rows xbc_g [b*t, C], dt_g [b*t, H]) through the fused
+        native step, states updated in the pool (keep: the states after every token go to batch.saved_states,
+        for speculative rollback). -> y rows [b*t, H, P]"""
+        slot_list = self._reset_fresh(seqs, batch, conv_all, ssm_all)
         out, convs, ssms = mamba_decode_step(
-            xbc if whole else xbc[rows], dt if whole else dt[rows], conv_all, self.conv1d.weight.squeeze(1),
-            self.conv1d.bias, self.dt_bias, -torch.exp(self.A_log.float()), self.D, (self.dt_min, self.dt_max),
-            ssm_all, torch.tensor(slot_list), self.n_groups, tokens=t, keep_states=keep)  # [b*t, H, P]
-        if whole:
-            y.copy_(out)
-        else:
-            y[rows] = out
+            xbc_g, dt_g, conv_all, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias,
+            -torch.exp(self.A_log.float()), self.D, (self.dt_min, self.dt_max), ssm_all, torch.tensor(slot_list),
+            self.n_groups, tokens=t, keep_states=keep)
         if keep:
             layer_saved = batch.saved_states.setdefault(self.layer_idx, {})
             for g, i in enumerate(seqs):
                 layer_saved[i] = (convs[g], ssms[g])  # [t, C, K-1], [t, H, P, N]
+        return out
 
     def _scan_group(self, seqs: list[int], xbc: torch.Tensor, dt: torch.Tensor, y: torch.Tensor,
                     batch: Batch, state: State | None) -> None:
@@ -95,14 +94,19 @@ class Mamba2Mixer(nn.Module):
         b = len(seqs)
         whole = b == batch.num_seqs  # the group is the whole packed batch: use views, not gathers
         keep = bool(batch.keep_states and batch.keep_states[seqs[0]])
-        if state is not None and native_step_enabled and (t == 1 or (keep and t <= NATIVE_MAX_KEEP_TOKENS)):
-            conv_all, ssm_all = state.mamba(self.layer_idx)
-            if native_step_supported(xbc, conv_all, ssm_all):
-                self._native_step(seqs, t, keep, xbc, dt, y, batch, conv_all, ssm_all, whole)
-                return
         if not whole:
             starts = torch.tensor([batch.offsets[i] for i in seqs], device=xbc.device)
             rows = (starts[:, None] + torch.arange(t, device=xbc.device)).reshape(-1)  # [b*t]
+        if state is not None and native_step_enabled and (t == 1 or (keep and t <= NATIVE_MAX_KEEP_TOKENS)):
+            conv_all, ssm_all = state.mamba(self.layer_idx)
+            if native_step_supported(xbc, conv_all, ssm_all):
+                out = self._native_step(seqs, t, keep, xbc if whole else xbc[rows], dt if whole else dt[rows],
+                                        batch, conv_all, ssm_all)  # [b*t, H, P]
+                if whole:
+                    y.copy_(out)
+                else:
+                    y[rows] = out
+                return
         xbc_g = (xbc if whole else xbc[rows]).reshape(b, t, self.conv_dim)  # [b, t, conv_dim]
         dt_g = (dt if whole else dt[rows]).reshape(b, t, self.num_heads)  # [b, t, H]
         a = -torch.exp(self.A_log.float())  # [H]
@@ -116,11 +120,7 @@ class Mamba2Mixer(nn.Module):
             conv_state = ssm_state = None
         else:
             conv_all, ssm_all = state.mamba(self.layer_idx)
-            slot_list = [batch.slots[i] for i in seqs]
-            fresh = [s for s, i in zip(slot_list, seqs) if batch.context_lens[i] == 0]
-            if fresh:  # a sequence without context starts from zeros, whatever its slot held before
-                conv_all[fresh] = 0
-                ssm_all[fresh] = 0
+            slot_list = self._reset_fresh(seqs, batch, conv_all, ssm_all)
             lo = slot_list[0]
             if slot_list == list(range(lo, lo + b)):  # work on the pool's memory directly
                 conv_state, ssm_state, in_place = conv_all[lo: lo + b], ssm_all[lo: lo + b], True

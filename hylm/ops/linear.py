@@ -41,37 +41,42 @@ NATIVE_MAX_WEIGHT = 1 << 20
 enabled = True  # benchmarks flip this to measure the difference in one process
 
 
-def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not enabled or _ONEDNN_LINEAR is None or x.device.type != "cpu" or weight.dim() != 2:
-        return False
-    if x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
+def _cpu_fp32_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> int:
+    """Rows of x when the product may leave F.linear (fp32 on the CPU, a 2D weight, nothing for autograd to
+    differentiate, an fp32 bias if any), else 0."""
+    if not enabled or x.device.type != "cpu" or weight.dim() != 2:
+        return 0
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+        return 0
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False
-    rows = x.numel() // max(1, x.shape[-1])
-    if rows == 0:
-        return False
-    return weight.numel() >= ONEDNN_MIN_WEIGHT or (rows >= ONEDNN_MIN_ROWS
-                                                    and weight.numel() >= ONEDNN_MIN_WEIGHT_BATCHED)
+        return 0
+    return x.numel() // max(1, x.shape[-1])
 
 
-def uses_native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if not enabled or x.device.type != "cpu" or weight.dim() != 2 or x.dtype != torch.float32:
-        return False
-    if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False
-    rows = x.numel() // max(1, x.shape[-1])
+def _onednn_ok(rows: int, weight: torch.Tensor) -> bool:
+    return _ONEDNN_LINEAR is not None and rows > 0 and (
+        weight.numel() >= ONEDNN_MIN_WEIGHT or (rows >= ONEDNN_MIN_ROWS and weight.numel() >= ONEDNN_MIN_WEIGHT_BATCHED))
+
+
+def _native_ok(rows: int, weight: torch.Tensor) -> bool:
     return (1 <= rows <= NATIVE_MAX_ROWS and NATIVE_MIN_WEIGHT <= weight.numel() < NATIVE_MAX_WEIGHT
             and (weight.is_contiguous() or weight.t().is_contiguous()) and native.available())
 
 
+def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    return _onednn_ok(_cpu_fp32_rows(x, weight, bias), weight)
+
+
+def uses_native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    return _native_ok(_cpu_fp32_rows(x, weight, bias), weight)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in]^T + bias -> [..., out]."""
-    if uses_native_rows(x, weight, bias):
+    rows = _cpu_fp32_rows(x, weight, bias)
+    if _native_ok(rows, weight):
         return _native_rows(x, weight, bias)
-    if not uses_onednn(x, weight) or (bias is not None and bias.dtype != torch.float32):
+    if not _onednn_ok(rows, weight):
         return F.linear(x, weight, bias)
     k = x.shape[-1]
     y = _ONEDNN_LINEAR(x.reshape(-1, k).contiguous(), weight, bias, "none", [], "")  # [rows, out]
@@ -87,6 +92,7 @@ def _native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     b = bias.contiguous() if bias is not None else None
     lib = native.library()
     kernel = lib.hylm_linear_rows if weight.is_contiguous() else lib.hylm_linear_rows_t  # [out, in] or [in, out]
-    kernel(rows.data_ptr(), weight.data_ptr(), b.data_ptr() if b is not None else None, out.data_ptr(),
-           rows.shape[0], k, n)
+    if kernel(rows.data_ptr(), weight.data_ptr(), b.data_ptr() if b is not None else None, out.data_ptr(),
+              rows.shape[0], k, n) != 0:
+        raise RuntimeError(f"native linear kernel refused rows={rows.shape[0]}, in={k}, out={n}")
     return out.view(*x.shape[:-1], n)

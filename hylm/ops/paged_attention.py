@@ -67,11 +67,11 @@ def _native(q, k_cache, v_cache, block_tables, lengths, block_size, scale, longe
         longest = int(lens.max()) if b else 0
         if b and (int(lens.min()) < 1 or tables.shape[1] * block_size < longest):
             raise ValueError("every sequence needs 1..max_blocks * block_size positions")
-    splits = _splits(b, h, longest)
-    work = torch.empty(b * h * splits, g * d + 2 * g, dtype=torch.float32)
     out = torch.empty_like(q)
     if b == 0:
         return out
+    splits = _splits(b, h, longest)
+    work = torch.empty(b * h * splits, g * d + 2 * g, dtype=torch.float32)
     rc = native.library().hylm_paged_decode(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
         k_cache.shape[1], tables.data_ptr(), tables.shape[1], lens.data_ptr(), b, h, g, d, block_size,
