@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops.moe import grouped_expert_mlp, route_sigmoid_topk
+from ..ops.moe import grouped_expert_mlp, native_moe_ok, native_moe_rows, route_sigmoid_topk
 from .linear import Linear
 from .mlp import MLP
 
@@ -55,8 +55,30 @@ class MoE(nn.Module):
             self.fc1_latent_proj = Linear(c.hidden_size, c.moe_latent_size, bias=c.mlp_bias)
             self.fc2_latent_proj = Linear(c.moe_latent_size, c.hidden_size, bias=c.mlp_bias)
 
+    def _native_weights(self, x: torch.Tensor) -> dict[str, torch.Tensor | None] | None:
+        """The layer's tensors for ops.moe's one-call kernel, or None where it can't run them (quantized
+        experts or projections, biases, grouped routing, more than a few tokens, training)."""
+        if x.dim() != 2 or x.shape[0] > 8 or not isinstance(self.experts, Experts):
+            return None
+        mods = [self.fc1_latent_proj, self.fc2_latent_proj] if self.latent else []
+        if self.shared_experts is not None:
+            mods += [self.shared_experts.up_proj, self.shared_experts.down_proj]
+        if any(not isinstance(m, nn.Linear) or m.bias is not None for m in mods):
+            return None
+        w = dict(router=self.gate.weight, up=self.experts.up_proj, down=self.experts.down_proj,
+                 fc1=self.fc1_latent_proj.weight if self.latent else None,
+                 fc2=self.fc2_latent_proj.weight if self.latent else None,
+                 shared_up=self.shared_experts.up_proj.weight if self.shared_experts is not None else None,
+                 shared_down=self.shared_experts.down_proj.weight if self.shared_experts is not None else None)
+        return w if native_moe_ok(x, n_group=self.gate.n_group, **w) else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, D] -> [N, D]."""
+        native = self._native_weights(x)
+        if native is not None:
+            g = self.gate
+            return native_moe_rows(x, correction_bias=g.e_score_correction_bias, top_k=g.top_k, normalize=g.normalize,
+                                   scaling=g.scaling, **native).to(x.dtype)
         weights, ids = self.gate(x)
         h = self.fc1_latent_proj(x) if self.latent else x  # [N, latent or D]
         h = self.experts(h, weights, ids)

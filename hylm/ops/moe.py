@@ -153,3 +153,88 @@ def dense_expert_mlp(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, 
     y = torch.bmm(h, down.transpose(1, 2)).float()  # [E, N, D_out]
     out = (y * gate.t().unsqueeze(-1)).sum(0)  # [N, D_out]
     return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- native
+# A whole LatentMoE layer for up to this many tokens goes through one call of hylm's native kernel
+# (hylm/ops/csrc/moe_rows.c) where it is built: decode steps, small decode batches, speculative verification
+# and MTP drafts, for which the PyTorch composition below is ~30 dispatches of a few microseconds each.
+NATIVE_MAX_ROWS = 8
+native_enabled = True  # benchmarks flip this to measure the difference in one process
+
+
+def _fp32_cpu(t: torch.Tensor | None) -> bool:
+    return t is None or (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu")
+
+
+def _column_major(w: torch.Tensor | None) -> int | None:
+    """0: row-major [out, in] contiguous; 1: column-major (a contiguous [in, out] viewed transposed); None: neither."""
+    if w is None or w.is_contiguous():
+        return 0
+    return 1 if w.dim() == 2 and w.t().is_contiguous() else None
+
+
+def native_moe_ok(x: torch.Tensor, router: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                  fc1: torch.Tensor | None = None, fc2: torch.Tensor | None = None,
+                  shared_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None,
+                  n_group: int = 1) -> bool:
+    """Whether `native_moe_rows` takes these tensors: fp32 on the CPU, a few rows, no autograd, ungrouped routing,
+    weights row- or column-major (experts row-major)."""
+    from . import native
+
+    if not native_enabled or x.dim() != 2 or not 1 <= x.shape[0] <= NATIVE_MAX_ROWS or n_group != 1:
+        return False
+    tensors = (x, router, up, down, fc1, fc2, shared_up, shared_down)
+    if not all(_fp32_cpu(t) for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    if not (router.is_contiguous() and up.is_contiguous() and down.is_contiguous()):
+        return False
+    if any(_column_major(w) is None for w in (fc1, fc2, shared_up, shared_down)):
+        return False
+    return native.available()
+
+
+def native_moe_rows(x: torch.Tensor, router: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
+                    normalize: bool, scaling: float, up: torch.Tensor, down: torch.Tensor,
+                    fc1: torch.Tensor | None = None, fc2: torch.Tensor | None = None,
+                    shared_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE layer of `moe_reference` for x [R, D] (R <= NATIVE_MAX_ROWS) in one native call -> [R, D].
+    router [E, D]; up [E, I, L], down [E, L, I]; fc1 [L, D] and fc2 [D, L] (both None: L = D); shared_up [S, D],
+    shared_down [D, S] (both None: no shared expert). Check `native_moe_ok` first."""
+    from . import native
+
+    x = x.contiguous()  # [R, D]
+    rows, d = x.shape
+    num_experts, inter, latent = up.shape
+    out = torch.empty(rows, d, dtype=torch.float32)  # [R, D]
+    bias = correction_bias.float().contiguous() if correction_bias is not None else None
+
+    def ptr(t: torch.Tensor | None):
+        return t.data_ptr() if t is not None else None
+
+    rc = native.library().hylm_moe_rows(
+        x.data_ptr(), rows, d, router.data_ptr(), ptr(bias), num_experts, top_k, int(normalize), float(scaling),
+        ptr(fc1), _column_major(fc1), latent, up.data_ptr(), down.data_ptr(), inter, ptr(fc2), _column_major(fc2),
+        ptr(shared_up), _column_major(shared_up), ptr(shared_down), _column_major(shared_down),
+        shared_up.shape[0] if shared_up is not None else 0, out.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"native MoE kernel refused rows={rows}, hidden={d}, experts={num_experts}, "
+                           f"top_k={top_k}, latent={latent} (code {rc})")
+    return out
+
+
+def moe_reference(x: torch.Tensor, router: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
+                  normalize: bool, scaling: float, up: torch.Tensor, down: torch.Tensor,
+                  fc1: torch.Tensor | None = None, fc2: torch.Tensor | None = None,
+                  shared_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None) -> torch.Tensor:
+    """`native_moe_rows` as PyTorch ops (what hylm's MoE layer computes on every other path)."""
+    weights, ids = route_sigmoid_topk(linear(x.float(), router.float()), correction_bias, top_k, 1, 1, normalize,
+                                      scaling)
+    h = linear(x, fc1) if fc1 is not None else x
+    y = grouped_expert_mlp(h, weights, ids, up, down)
+    routed = linear(y, fc2) if fc2 is not None else y
+    if shared_up is None:
+        return routed
+    return routed + linear(torch.relu(linear(x, shared_up)).square(), shared_down)

@@ -99,6 +99,9 @@ def library() -> ctypes.CDLL | None:
     lib.hylm_mamba_steps.restype = i32
     lib.hylm_mamba_steps.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, f32, f32, ptr, ptr,
                                      i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
+    lib.hylm_moe_rows.restype = i32
+    lib.hylm_moe_rows.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i32, f32, ptr, i32, i64, ptr, ptr, i64, ptr,
+                                  i32, ptr, i32, ptr, i32, i64, ptr]
     return lib
 
 

@@ -1,0 +1,137 @@
+/* Products of a few rows (1-8) with a cache-resident fp32 weight, shared by linear_rows.c and moe_rows.c.
+ *
+ * MKL and oneDNN spend far more time per multiply-add on such products than on one row (a [6, 192] x
+ * [192, 1664] product costs ~3x a [1, 192] one here). For a row-major weight W [N, K] a tile of 4 output
+ * features at a time runs every group of up to 4 rows against it while its weights are in L1, with up to 16
+ * vector accumulators (4 outputs x 4 rows) and one transposing reduction per tile. For a column-major weight
+ * (hylm's CPU layout for Linear weights, see hylm/model/layout.py: Wt [K, N] contiguous) each tile of 32
+ * outputs is a sum of rows of Wt scaled by x's entries, so the vectors run along the outputs.
+ *
+ * `rows_product` shares its tiles out with an orphaned `omp for`: inside a parallel region the team splits
+ * them (and waits at the end), outside one the caller computes them all.
+ */
+#ifndef HYLM_ROWS_H
+#define HYLM_ROWS_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "vec.h"
+
+/* outputs n0..n0+3 for rows r0..r0+J-1 (K a multiple of 8): out[j * 4 + o] = x[r0 + j] . W[n0 + o].
+ * Always inlined with a constant J (1..4), so that the accumulators live in registers. */
+static inline __attribute__((always_inline)) void rows_tile(const float *x, const float *W, int64_t K, int64_t r0,
+                                                            int64_t n0, const int J, float *out) {
+    v8 acc[16] = {0};
+    const float *w0 = W + n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    for (int64_t k = 0; k < K; k += 8) {
+        v8 a = load8(w0 + k), b = load8(w1 + k), c = load8(w2 + k), d = load8(w3 + k);
+        for (int j = 0; j < J; j++) {
+            v8 p = load8(x + (r0 + j) * K + k);
+            acc[4 * j] += p * a;
+            acc[4 * j + 1] += p * b;
+            acc[4 * j + 2] += p * c;
+            acc[4 * j + 3] += p * d;
+        }
+    }
+    v8 lo = sum_lanes8(acc), hi = sum_lanes8(acc + 8);
+    memcpy(out, &lo, sizeof lo);
+    memcpy(out + 8, &hi, sizeof hi);
+}
+
+static inline float rows_dot(const float *a, const float *b, int64_t K) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < K; k++) s += a[k] * b[k];
+    return s;
+}
+
+/* outputs n0..n0+31 of rows r0..r0+J-1 over Wt [K, N] */
+static inline __attribute__((always_inline)) void rows_tile_t(const float *x, const float *Wt, int64_t K, int64_t N,
+                                                              int64_t r0, int64_t n0, const int J, float *y) {
+    v8 acc[16] = {0};
+    for (int64_t k = 0; k < K; k++) {
+        const float *w = Wt + k * N + n0;
+        v8 a = load8(w), b = load8(w + 8), c = load8(w + 16), d = load8(w + 24);
+        for (int j = 0; j < J; j++) {
+            float s = x[(r0 + j) * K + k];
+            acc[4 * j] += s * a;
+            acc[4 * j + 1] += s * b;
+            acc[4 * j + 2] += s * c;
+            acc[4 * j + 3] += s * d;
+        }
+    }
+    for (int j = 0; j < J; j++) memcpy(y + (r0 + j) * N + n0, acc + 4 * j, 4 * sizeof(v8));
+}
+
+/* rows r0.. (up to 4 of R) of one 4-output tile of a row-major W */
+static inline void rows_tile_any(const float *x, const float *W, float *y, int64_t R, int64_t K, int64_t N,
+                                 int64_t n0) {
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+        int64_t rows = R - r0 < 4 ? R - r0 : 4;
+        if (K % 8 == 0) {
+            float out[16];
+            switch (rows) {
+                case 1: rows_tile(x, W, K, r0, n0, 1, out); break;
+                case 2: rows_tile(x, W, K, r0, n0, 2, out); break;
+                case 3: rows_tile(x, W, K, r0, n0, 3, out); break;
+                default: rows_tile(x, W, K, r0, n0, 4, out);
+            }
+            for (int64_t j = 0; j < rows; j++)
+                for (int o = 0; o < 4; o++) y[(r0 + j) * N + n0 + o] = out[j * 4 + o];
+        } else {
+            for (int64_t j = 0; j < rows; j++)
+                for (int o = 0; o < 4; o++) y[(r0 + j) * N + n0 + o] = rows_dot(x + (r0 + j) * K, W + (n0 + o) * K, K);
+        }
+    }
+}
+
+/* rows of one 32-output tile of a column-major Wt */
+static inline void rows_tile_t_any(const float *x, const float *Wt, float *y, int64_t R, int64_t K, int64_t N,
+                                   int64_t n0) {
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+        switch (R - r0 < 4 ? R - r0 : 4) {
+            case 1: rows_tile_t(x, Wt, K, N, r0, n0, 1, y); break;
+            case 2: rows_tile_t(x, Wt, K, N, r0, n0, 2, y); break;
+            case 3: rows_tile_t(x, Wt, K, N, r0, n0, 3, y); break;
+            default: rows_tile_t(x, Wt, K, N, r0, n0, 4, y);
+        }
+    }
+}
+
+/* the outputs from n_lo on (the last N % tile ones), every row, scalar */
+static inline void rows_tail(const float *x, const float *W, int transposed, float *y, int64_t R, int64_t K,
+                             int64_t N, int64_t n_lo) {
+    for (int64_t r = 0; r < R; r++) {
+        float *yr = y + r * N;
+        const float *xr = x + r * K;
+        if (!transposed) {
+            for (int64_t n = n_lo; n < N; n++) yr[n] = rows_dot(xr, W + n * K, K);
+            continue;
+        }
+        for (int64_t n = n_lo; n < N; n++) yr[n] = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            float s = xr[k];
+            const float *w = W + k * N;
+            for (int64_t n = n_lo; n < N; n++) yr[n] += s * w[n];
+        }
+    }
+}
+
+/* y [R, N] = x [R, K] W^T; W row-major [N, K], or (transposed) its column-major copy Wt [K, N].
+ * Orphaned worksharing: see the top of this file. */
+static inline void rows_product(const float *x, const float *W, int transposed, float *y, int64_t R, int64_t K,
+                                int64_t N) {
+    const int64_t width = transposed ? 32 : 4, tiles = N / width, items = tiles + (N % width != 0);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < items; t++) {
+        if (t == tiles)
+            rows_tail(x, W, transposed, y, R, K, N, tiles * width);
+        else if (transposed)
+            rows_tile_t_any(x, W, y, R, K, N, t * width);
+        else
+            rows_tile_any(x, W, y, R, K, N, t * width);
+    }
+}
+
+#endif
