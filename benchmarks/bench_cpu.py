@@ -5,8 +5,9 @@
     python3 benchmarks/bench_cpu.py --compare-kernels   # adds hylm with its dense products on MKL (F.linear)
 
 Prints prefill tok/s at several prompt lengths, single-stream decode tok/s at those contexts, aggregate
-decode tok/s at several batch sizes, each with the hylm/transformers ratio, plus the decode roofline
-(active weight bytes + KV + state bytes per token over measured memory bandwidth) and hylm's fraction.
+decode tok/s at several batch sizes, each with the hylm/transformers ratio, plus the rooflines and
+hylm's fraction of them: decode, active weight bytes + KV + state bytes per token over the measured memory
+bandwidth; prefill, the FLOPs a prefill cannot avoid (`prefill_flops`) over the measured fp32 GEMM FLOP/s.
 
 Where llama-cpp-python is installed, the same weights exported by `hylm export-gguf` (f32 and q8_0) run in
 llama.cpp as a second peer: prefill and single-stream decode (its high-level API drives one sequence, so
@@ -73,6 +74,32 @@ def active_weight_bytes(model) -> int:
             n = n * c.num_experts_per_tok // c.n_routed_experts
         total += n * p.element_size()
     return total
+
+
+def prefill_flops(model, length: int) -> float:
+    """Multiply-adds x 2 that a prefill of `length` tokens cannot avoid: every active matrix (routed experts at
+    top_k / n_routed, no embedding lookup) once per token, the lm_head once (only the last token's logits are
+    needed), causal attention (q.k and p.v over the tokens before each one) and Mamba-2's chunked scan
+    (within a chunk: C.B over the chunk and its product with x; across chunks: each token's state update
+    and readout)."""
+    c = model.config
+    params = 0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp.") or name in ("model.embeddings.weight", "lm_head.weight"):
+            continue
+        n = p.numel()
+        if ".experts." in name:
+            n = n * c.num_experts_per_tok // c.n_routed_experts
+        params += n
+    flops = 2.0 * params * length + 2.0 * c.vocab_size * c.hidden_size
+    heads, hd, state, q = c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size, min(c.chunk_size, length)
+    for kind in c.pattern:
+        if kind == "*":  # causal: token i reads i keys, twice (scores and values)
+            flops += 4.0 * c.num_attention_heads * c.head_dim * length * (length + 1) / 2
+        elif kind == "M":
+            per_token = 2 * q * state * c.n_groups / 2 + 2 * q * hd * heads / 2 + 4 * hd * state * heads
+            flops += per_token * length
+    return flops
 
 
 # ---- hylm ----------------------------------------------------------------------------------------------
@@ -261,7 +288,7 @@ def main() -> None:
     for n in contexts:
         h = both_paths(hylm_prefill, model, n)
         t = hf_prefill(hf, n) if hf else None
-        row(f"prefill {n} tok/s", h, t)
+        row(f"prefill {n} tok/s", h, t, roof=flops * n / prefill_flops(model, n))
     for n in contexts:
         h = both_paths(hylm_decode, model, 1, n, new_tokens)
         t = hf_decode(hf, 1, n, new_tokens) if hf else None

@@ -230,7 +230,10 @@ def test_native_paged_decode_equals_pytorch_paths(model, monkeypatch, kv_cache_d
     lengths joining at different steps, block size 4, an fp32 or a bf16 cache."""
     import hylm.model.attention as attention
     from hylm.engine.state_pool import StatePool
+    from hylm.model import fused
     from hylm.ops import paged_attention
+
+    monkeypatch.setattr(fused, "enabled", False)  # the paged kernel as the attention layer calls it (not in a block)
 
     new_tokens = []
     original_paged = StatePool.kv_paged

@@ -272,12 +272,12 @@ class StatePool:
             out.append(cache[:, rows].permute(1, 2, 0, 3))  # [Hkv, B, L, hd] -> [B, L, Hkv, hd]
         return out[0], out[1]
 
-    def kv_paged(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-        """Store the new tokens' k, v [N, Hkv, hd] (packed as batch) at their positions and return the cache
-        itself for a paged kernel, one entry per new token: (k_cache, v_cache [Hkv, R, hd], block tables
-        [N, max_blocks] int64 (its sequence's), lengths [N] int64 (the positions it sees: its own and all
-        before), block size, the longest length). Built once per batch and shared by its layers."""
+    def kv_paged_layout(self, layer: int, batch: Batch
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+        """Where the batch's new tokens go in the paged cache and what each reads, one entry per new token:
+        (k_cache, v_cache [Hkv, R, hd], block tables [N, max_blocks] int64 (its sequence's), lengths [N] int64
+        (the positions it sees: its own and all before), new_rows [N] int64 (its cache row), block size, the
+        longest length). Built once per batch and shared by its layers; stores nothing."""
         if self._paged is None or self._paged[0] is not batch:
             bs = self.block_size
             needed = [math.ceil((c + n) / bs) for c, n in zip(batch.context_lens, batch.seq_lens)]
@@ -296,14 +296,22 @@ class StatePool:
             for slot, c, n in zip(batch.slots, batch.context_lens, batch.seq_lens):
                 table = self.block_tables[slot]
                 new_rows += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
-            device = k.device
+            device = self.k[layer].device
             lengths = torch.tensor([p + 1 for p in positions_list], dtype=torch.long, device=device)
             self._paged = (batch, tables.to(device), lengths, torch.tensor(new_rows, dtype=torch.long, device=device),
                            max(positions_list) + 1)
         _, tables, lengths, new_rows, longest = self._paged
-        for cache, new in ((self.k[layer], k), (self.v[layer], v)):
+        return self.k[layer], self.v[layer], tables, lengths, new_rows, self.block_size, longest
+
+    def kv_paged(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+        """Store the new tokens' k, v [N, Hkv, hd] (packed as batch) at their positions and return the cache
+        itself for a paged kernel: (k_cache, v_cache, tables, lengths, block size, longest) of
+        `kv_paged_layout`."""
+        k_cache, v_cache, tables, lengths, new_rows, block_size, longest = self.kv_paged_layout(layer, batch)
+        for cache, new in ((k_cache, k), (v_cache, v)):
             cache[:, new_rows] = new.transpose(0, 1).to(cache.dtype)  # [Hkv, N, hd]
-        return self.k[layer], self.v[layer], tables, lengths, self.block_size, longest
+        return k_cache, v_cache, tables, lengths, block_size, longest
 
     def kv_append(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:

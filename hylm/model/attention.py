@@ -9,10 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.decode_blocks import MAX_ROWS as BLOCK_MAX_ROWS
+from ..ops.decode_blocks import prepare_native_attention
 from ..ops.paged_attention import native_supported as paged_native_supported
 from ..ops.paged_attention import paged_decode_attention
 from .batch import Batch, State
+from . import fused
 from .linear import Linear
+from .norm import RMSNorm
 
 # A chunk that continues earlier context (a prefill chunk after the first, a decode step, a verification
 # step) reads the KV in windows of this many tokens: each window goes through the fused flash kernel,
@@ -52,6 +56,32 @@ class Attention(nn.Module):
         self.k_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
         self.v_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+
+    def fused_block(self, norm: nn.Module, x: torch.Tensor, batch: Batch, state: State | None
+                    ) -> torch.Tensor | None:
+        """x + self(norm(x)) in one native call (k, v stored into the paged cache, every token attending through
+        the paged kernel) where the paged path below would run with an fp32 cache, for a few tokens at
+        inference; else None."""
+        n = x.shape[0]
+        if (state is None or not fused.applicable(x) or n > BLOCK_MAX_ROWS or not hasattr(state, "kv_paged_layout")
+                or not native_decode_enabled or type(norm).forward is not RMSNorm.forward
+                or getattr(state, "kv_dtype", torch.float32) != torch.float32 or min(batch.context_lens) == 0
+                or not (n == batch.num_seqs or (max(batch.seq_lens) <= PAGED_MAX_NEW_TOKENS
+                                                and max(batch.context_lens) <= PAGED_MAX_CONTEXT_MULTI))):
+            return None
+        projections = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+        if any(not isinstance(p, nn.Linear) or p.bias is not None for p in projections):
+            return None
+        if not hasattr(self, "_plan_cache"):
+            self._plan_cache = fused.PlanCache()
+        plan = self._plan_cache.get(
+            (norm.weight, *(p.weight for p in projections)),
+            lambda: prepare_native_attention(norm.weight, norm.eps, *(p.weight for p in projections), self.num_heads,
+                                             self.num_kv_heads, self.head_dim, self.scale))
+        if plan is None:
+            return None
+        k_cache, v_cache, tables, lengths, new_rows, block_size, longest = state.kv_paged_layout(self.layer_idx, batch)
+        return plan(x, k_cache, v_cache, new_rows, tables, lengths, block_size, longest)
 
     def forward(self, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:
         """x: [N, D] packed tokens -> [N, D]."""

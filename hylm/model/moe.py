@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops.moe import grouped_expert_mlp, native_moe_ok, native_moe_rows, route_sigmoid_topk
+from ..ops.moe import grouped_expert_mlp, prepare_native_moe, route_sigmoid_topk
+from . import fused
 from .linear import Linear
 from .mlp import MLP
+from .norm import RMSNorm
 
 
 class Router(nn.Module):
@@ -55,30 +57,48 @@ class MoE(nn.Module):
             self.fc1_latent_proj = Linear(c.hidden_size, c.moe_latent_size, bias=c.mlp_bias)
             self.fc2_latent_proj = Linear(c.moe_latent_size, c.hidden_size, bias=c.mlp_bias)
 
-    def _native_weights(self, x: torch.Tensor) -> dict[str, torch.Tensor | None] | None:
-        """The layer's tensors for ops.moe's one-call kernel, or None where it can't run them (quantized
-        experts or projections, biases, grouped routing, more than a few tokens, training)."""
-        if x.dim() != 2 or x.shape[0] > 8 or not isinstance(self.experts, Experts):
+    def _sources(self, norm_weight: torch.Tensor | None) -> tuple | None:
+        """The tensors the native kernel reads, or None where it can't run this layer (quantized experts or
+        projections, biases)."""
+        if not isinstance(self.experts, Experts):
             return None
-        mods = [self.fc1_latent_proj, self.fc2_latent_proj] if self.latent else []
-        if self.shared_experts is not None:
-            mods += [self.shared_experts.up_proj, self.shared_experts.down_proj]
-        if any(not isinstance(m, nn.Linear) or m.bias is not None for m in mods):
+        mods = [self.fc1_latent_proj, self.fc2_latent_proj] if self.latent else [None, None]
+        mods += [self.shared_experts.up_proj, self.shared_experts.down_proj] if self.shared_experts is not None \
+            else [None, None]
+        if any(m is not None and (not isinstance(m, nn.Linear) or m.bias is not None) for m in mods):
             return None
-        w = dict(router=self.gate.weight, up=self.experts.up_proj, down=self.experts.down_proj,
-                 fc1=self.fc1_latent_proj.weight if self.latent else None,
-                 fc2=self.fc2_latent_proj.weight if self.latent else None,
-                 shared_up=self.shared_experts.up_proj.weight if self.shared_experts is not None else None,
-                 shared_down=self.shared_experts.down_proj.weight if self.shared_experts is not None else None)
-        return w if native_moe_ok(x, n_group=self.gate.n_group, **w) else None
+        g = self.gate
+        return (norm_weight, g.weight, g.e_score_correction_bias, self.experts.up_proj, self.experts.down_proj,
+                *(m.weight if m is not None else None for m in mods))
+
+    def _plan(self, norm: nn.Module | None, eps: float = 0.0):
+        """The prepared one-call kernel for this layer (with norm: the whole block), or None."""
+        if not hasattr(self, "_plans"):
+            self._plans = {False: fused.PlanCache(), True: fused.PlanCache()}
+        norm_weight = norm.weight if norm is not None else None
+        sources = self._sources(norm_weight)
+        g = self.gate
+
+        def build():
+            _, router, bias, up, down, fc1, fc2, shared_up, shared_down = sources
+            return prepare_native_moe(router, bias, g.top_k, g.normalize, g.scaling, up, down, fc1, fc2, shared_up,
+                                      shared_down, norm_weight, eps, g.n_group)
+
+        return self._plans[norm is not None].get(sources, build)
+
+    def fused_block(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """x + self(norm(x)) in one native call for a few fp32 tokens at inference, else None."""
+        if not fused.applicable(x) or type(norm).forward is not RMSNorm.forward:
+            return None
+        plan = self._plan(norm, norm.eps)
+        return plan(x, residual=True) if plan is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, D] -> [N, D]."""
-        native = self._native_weights(x)
-        if native is not None:
-            g = self.gate
-            return native_moe_rows(x, correction_bias=g.e_score_correction_bias, top_k=g.top_k, normalize=g.normalize,
-                                   scaling=g.scaling, **native).to(x.dtype)
+        if fused.applicable(x):
+            plan = self._plan(None)
+            if plan is not None:
+                return plan(x)
         weights, ids = self.gate(x)
         h = self.fc1_latent_proj(x) if self.latent else x  # [N, latent or D]
         h = self.experts(h, weights, ids)

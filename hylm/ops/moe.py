@@ -196,6 +196,59 @@ def native_moe_ok(x: torch.Tensor, router: torch.Tensor, up: torch.Tensor, down:
     return native.available()
 
 
+class NativeMoE:
+    """One MoE layer's weights, checked and turned into `hylm_moe_rows` arguments once, so that a call costs one
+    dispatch. With norm_weight the call takes the block's input and returns the whole block, x + moe(norm(x)).
+    Build it with `prepare_native_moe` (None where the kernel can't run these weights)."""
+
+    def __init__(self, router: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int, normalize: bool,
+                 scaling: float, up: torch.Tensor, down: torch.Tensor, fc1: torch.Tensor | None = None,
+                 fc2: torch.Tensor | None = None, shared_up: torch.Tensor | None = None,
+                 shared_down: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0):
+        from . import native
+
+        num_experts, inter, latent = up.shape
+        bias = correction_bias.float().contiguous() if correction_bias is not None else None
+        norm = norm_weight.float().contiguous() if norm_weight is not None else None
+        self.keep = (router, bias, up, down, fc1, fc2, shared_up, shared_down, norm)  # alive while in use
+
+        def ptr(t: torch.Tensor | None):
+            return t.data_ptr() if t is not None else None
+
+        self.hidden = router.shape[1]
+        self._kernel = native.library().hylm_moe_rows
+        self._middle = (router.data_ptr(), ptr(bias), num_experts, top_k, int(normalize), float(scaling), ptr(fc1),
+                        _column_major(fc1), latent, up.data_ptr(), down.data_ptr(), inter, ptr(fc2),
+                        _column_major(fc2), ptr(shared_up), _column_major(shared_up), ptr(shared_down),
+                        _column_major(shared_down), shared_up.shape[0] if shared_up is not None else 0, ptr(norm),
+                        float(eps))
+        self._shape = f"hidden={self.hidden}, experts={num_experts}, top_k={top_k}, latent={latent}"
+
+    def __call__(self, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
+        """x [R, D] fp32 (R <= NATIVE_MAX_ROWS) -> [R, D]; residual adds x to the output."""
+        x = x.contiguous()  # [R, D]
+        out = torch.empty_like(x)  # [R, D]
+        rc = self._kernel(x.data_ptr(), x.shape[0], x.shape[1], *self._middle, int(residual), out.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"native MoE kernel refused rows={x.shape[0]}, {self._shape} (code {rc})")
+        return out
+
+
+def prepare_native_moe(router: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int, normalize: bool,
+                       scaling: float, up: torch.Tensor, down: torch.Tensor, fc1: torch.Tensor | None = None,
+                       fc2: torch.Tensor | None = None, shared_up: torch.Tensor | None = None,
+                       shared_down: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                       eps: float = 0.0, n_group: int = 1) -> NativeMoE | None:
+    """A NativeMoE for these weights, or None where the kernel can't run them (see `native_moe_ok`)."""
+    probe = torch.empty(1, router.shape[1])
+    if not native_moe_ok(probe, router, up, down, fc1, fc2, shared_up, shared_down, n_group):
+        return None
+    if norm_weight is not None and not _fp32_cpu(norm_weight):
+        return None
+    return NativeMoE(router, correction_bias, top_k, normalize, scaling, up, down, fc1, fc2, shared_up, shared_down,
+                     norm_weight, eps)
+
+
 def native_moe_rows(x: torch.Tensor, router: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
                     normalize: bool, scaling: float, up: torch.Tensor, down: torch.Tensor,
                     fc1: torch.Tensor | None = None, fc2: torch.Tensor | None = None,
@@ -203,26 +256,8 @@ def native_moe_rows(x: torch.Tensor, router: torch.Tensor, correction_bias: torc
     """The MoE layer of `moe_reference` for x [R, D] (R <= NATIVE_MAX_ROWS) in one native call -> [R, D].
     router [E, D]; up [E, I, L], down [E, L, I]; fc1 [L, D] and fc2 [D, L] (both None: L = D); shared_up [S, D],
     shared_down [D, S] (both None: no shared expert). Check `native_moe_ok` first."""
-    from . import native
-
-    x = x.contiguous()  # [R, D]
-    rows, d = x.shape
-    num_experts, inter, latent = up.shape
-    out = torch.empty(rows, d, dtype=torch.float32)  # [R, D]
-    bias = correction_bias.float().contiguous() if correction_bias is not None else None
-
-    def ptr(t: torch.Tensor | None):
-        return t.data_ptr() if t is not None else None
-
-    rc = native.library().hylm_moe_rows(
-        x.data_ptr(), rows, d, router.data_ptr(), ptr(bias), num_experts, top_k, int(normalize), float(scaling),
-        ptr(fc1), _column_major(fc1), latent, up.data_ptr(), down.data_ptr(), inter, ptr(fc2), _column_major(fc2),
-        ptr(shared_up), _column_major(shared_up), ptr(shared_down), _column_major(shared_down),
-        shared_up.shape[0] if shared_up is not None else 0, out.data_ptr())
-    if rc != 0:
-        raise RuntimeError(f"native MoE kernel refused rows={rows}, hidden={d}, experts={num_experts}, "
-                           f"top_k={top_k}, latent={latent} (code {rc})")
-    return out
+    return NativeMoE(router, correction_bias, top_k, normalize, scaling, up, down, fc1, fc2, shared_up,
+                     shared_down)(x)
 
 
 def moe_reference(x: torch.Tensor, router: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,

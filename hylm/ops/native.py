@@ -101,7 +101,12 @@ def library() -> ctypes.CDLL | None:
                                      i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
     lib.hylm_moe_rows.restype = i32
     lib.hylm_moe_rows.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i32, f32, ptr, i32, i64, ptr, ptr, i64, ptr,
-                                  i32, ptr, i32, ptr, i32, i64, ptr]
+                                  i32, ptr, i32, ptr, i32, i64, ptr, f32, i32, ptr]
+    lib.hylm_rmsnorm_rows.restype = i32
+    lib.hylm_rmsnorm_rows.argtypes = [ptr, ptr, f32, i64, i64, ptr]
+    lib.hylm_attention_rows.restype = i32
+    lib.hylm_attention_rows.argtypes = [ptr, i64, i64, ptr, f32, ptr, i32, ptr, i32, ptr, i32, ptr, i32, i64, i64, i64,
+                                        ptr, ptr, i64, ptr, ptr, i64, ptr, i64, f32, i32, ptr, ptr]
     return lib
 
 

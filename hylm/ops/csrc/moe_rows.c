@@ -12,12 +12,14 @@
  * Layouts: x [R, D], router [E, D], up [E, I, L], down [E, L, I] row-major; fc1 [L, D], fc2 [D, L], shared_up
  * [S, D], shared_down [D, S] row-major, or column-major where their *_t flag is set; all fp32, no biases.
  * The tokens routed to one expert run through it together (rows.h tiles), each phase's tiles shared by the
- * threads of one parallel region.
+ * threads of one parallel region. With norm_w the input is rmsnorm(x) * norm_w (the block's pre-norm), with
+ * residual the output adds x: the whole block x + moe(norm(x)) in one call.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "norm.h"
 #include "rows.h"
 
 static inline void relu_square(float *a, int64_t n) {
@@ -49,16 +51,16 @@ int hylm_moe_rows(const float *x, int64_t R, int64_t D, const float *router, con
                   int64_t E, int64_t top_k, int normalize, float scaling, const float *fc1, int fc1_t, int64_t L,
                   const float *up, const float *down, int64_t I, const float *fc2, int fc2_t,
                   const float *shared_up, int shared_up_t, const float *shared_down, int shared_down_t, int64_t S,
-                  float *out) {
+                  const float *norm_w, float eps, int residual, float *out) {
     if (R < 1 || R > 64 || D < 1 || E < 1 || top_k < 1 || top_k > E || I < 1 || L < 1) return -1;
     if (!fc1 && L != D) return -2;
     if (!fc2 && L != D) return -3;
     if ((shared_up == NULL) != (shared_down == NULL) || (shared_up && S < 1)) return -4;
     const int64_t A = R * top_k;  /* token-expert assignments */
-    const int64_t sizes[] = {R * E, fc1 ? R * L : 0, shared_up ? R * S : 0, A * L, A * I, A * L, R * L,
+    const int64_t sizes[] = {norm_w ? R * D : 0, R * E, fc1 ? R * L : 0, shared_up ? R * S : 0, A * L, A * I, A * L, R * L,
                              fc2 ? R * D : 0, shared_up ? R * D : 0};
     int64_t total = 0;
-    for (int i = 0; i < 9; i++) total += sizes[i];
+    for (int i = 0; i < 10; i++) total += sizes[i];
     float *work = malloc((size_t)total * sizeof(float));
     int64_t *index = malloc((size_t)(5 * A + 2) * sizeof(int64_t));
     float *gate = malloc((size_t)A * sizeof(float));
@@ -66,8 +68,14 @@ int hylm_moe_rows(const float *x, int64_t R, int64_t D, const float *router, con
         free(work), free(index), free(gate);
         return -5;
     }
-    float *logits = work, *h = logits + sizes[0], *sa = h + sizes[1], *xe = sa + sizes[2], *act = xe + sizes[3],
-          *ye = act + sizes[4], *ylat = ye + sizes[5], *routed = ylat + sizes[6], *shared = routed + sizes[7];
+    float *normed = work, *logits = normed + sizes[0], *h = logits + sizes[1], *sa = h + sizes[2], *xe = sa + sizes[3],
+          *act = xe + sizes[4], *ye = act + sizes[5], *ylat = ye + sizes[6], *routed = ylat + sizes[7],
+          *shared = routed + sizes[8];
+    const float *residual_x = x;
+    if (norm_w) {  /* the block's pre-norm: the layer reads rmsnorm(x) * norm_w */
+        for (int64_t r = 0; r < R; r++) rmsnorm_row(x + r * D, norm_w, eps, D, normed + r * D);
+        x = normed;
+    }
     int64_t *ids = index, *slot = ids + A, *expert = slot + A, *start = expert + A, *count = start + A;
     int64_t n_used = 0;
     const float *hin = fc1 ? h : x;  /* the experts' input rows [R, L] */
@@ -130,7 +138,8 @@ int hylm_moe_rows(const float *x, int64_t R, int64_t D, const float *router, con
         if (shared_up) rows_product(sa, shared_down, shared_down_t, shared, R, S, D);
     }
     const float *r_src = fc2 ? routed : ylat;
-    for (int64_t i = 0; i < R * D; i++) out[i] = r_src[i] + (shared_up ? shared[i] : 0.0f);
+    for (int64_t i = 0; i < R * D; i++)
+        out[i] = r_src[i] + (shared_up ? shared[i] : 0.0f) + (residual ? residual_x[i] : 0.0f);
     free(work), free(index), free(gate);
     return 0;
 }

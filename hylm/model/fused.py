@@ -1,0 +1,46 @@
+"""Few-token fast paths: a whole pre-norm block (x + mixer(norm(x))) in one native call (hylm.ops: the MoE and
+attention blocks), prepared once per layer. Decode steps, speculative verification and MTP drafts run blocks on
+a handful of rows, where the PyTorch composition is dozens of dispatches for microseconds of arithmetic.
+
+Only inference takes them (no autograd), fp32 on the CPU, at most MAX_ROWS tokens; everything else runs the
+layers' PyTorch code, which is also their reference (tests compare both)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+enabled = True  # benchmarks and tests flip this to compare with the PyTorch paths in one process
+MAX_ROWS = 8
+
+
+def applicable(x: torch.Tensor) -> bool:
+    return (enabled and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype == torch.float32
+            and x.device.type == "cpu" and not torch.is_grad_enabled())
+
+
+class PlanCache:
+    """A prepared native plan and the storage of the tensors it was built from: rebuilt when any of them is
+    replaced (a new Parameter, `.data` reassigned, a module swapped for a quantized one). The plan keeps the old
+    storage alive, so a new tensor can never reuse its address unnoticed."""
+
+    __slots__ = ("key", "plan")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.plan: Any = None
+
+    def __deepcopy__(self, memo: dict) -> "PlanCache":
+        return PlanCache()  # derived data pointing at the original's tensors: a copy prepares its own
+
+    def __reduce__(self):
+        return (PlanCache, ())
+
+    def get(self, sources: tuple[torch.Tensor | None, ...] | None, build: Callable[[], Any]) -> Any:
+        if sources is None:
+            return None
+        key = tuple(None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride()) for t in sources)
+        if key != self.key:
+            self.plan, self.key = build(), key
+        return self.plan

@@ -1,0 +1,238 @@
+"""Whole blocks in one native call (hylm/ops/csrc/moe_rows.c, decode_blocks.c): the MoE layer against a float64
+loop over tokens (routing, chosen experts, latent projections, shared expert written out by hand), with row- and
+column-major projection weights, odd sizes, with and without latent projections and a shared expert, with the
+block's norm and residual; the attention block against its PyTorch composition over a paged cache (scattered
+blocks, several tokens per sequence); RMSNorm rows; the model's blocks and engine outputs with and without them
+(greedy tokens, logprobs, speculative decoding)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from hylm.model import fused
+from hylm.model import moe as moe_model
+from hylm.ops import decode_blocks
+from hylm.ops import moe as moe_ops
+from hylm.ops import native
+
+from engine_models import TINY, random_prompts, tiny_model
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the native CPU kernels are not built")
+
+
+def loop_reference(x, router, bias, top_k, normalize, scaling, up, down, fc1, fc2, shared_up, shared_down):
+    """float64, one token at a time."""
+    x, router = x.double(), router.double()
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    for r in range(x.shape[0]):
+        scores = [1.0 / (1.0 + torch.exp(-(router[e] @ x[r])).item()) for e in range(router.shape[0])]
+        choice = [s + (float(bias[e]) if bias is not None else 0.0) for e, s in enumerate(scores)]
+        ids = sorted(range(len(scores)), key=lambda e: -choice[e])[:top_k]
+        w = [scores[e] for e in ids]
+        if normalize:
+            w = [v / (sum(w) + 1e-20) for v in w]
+        h = fc1.double() @ x[r] if fc1 is not None else x[r]
+        y = sum(wj * scaling * (down[e].double() @ torch.relu(up[e].double() @ h) ** 2) for wj, e in zip(w, ids))
+        out[r] = fc2.double() @ y if fc2 is not None else y
+        if shared_up is not None:
+            out[r] += shared_down.double() @ torch.relu(shared_up.double() @ x[r]) ** 2
+    return out
+
+
+def case(rows, d, e, k, inter, latent, shared, column_major, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    def weight(out_f, in_f):  # a Linear weight, stored as the CPU loader stores it when column_major
+        w = rnd(out_f, in_f, scale=in_f ** -0.5)
+        return w.t().contiguous().t() if column_major else w
+
+    lat = latent or d
+    return dict(
+        x=rnd(rows, d), router=rnd(e, d, scale=d ** -0.5), bias=rnd(e, scale=0.1), top_k=k,
+        up=rnd(e, inter, lat, scale=lat ** -0.5), down=rnd(e, lat, inter, scale=inter ** -0.5),
+        fc1=weight(latent, d) if latent else None, fc2=weight(d, latent) if latent else None,
+        shared_up=weight(shared, d) if shared else None, shared_down=weight(d, shared) if shared else None)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("shape", [
+    # d, experts, top_k, expert size, latent, shared, column-major projections
+    (64, 8, 2, 32, 24, 48, True),  # engine tests' shape
+    (192, 8, 2, 96, 96, 384, True),  # hylm-tiny's MoE
+    (36, 5, 3, 7, None, 20, False),  # odd sizes: no tile fits, no latent projection
+    (40, 6, 6, 12, 16, None, False),  # every expert chosen, no shared expert
+    (48, 16, 1, 33, 20, 50, True),
+])
+@pytest.mark.parametrize("normalize,scaling", [(True, 2.5), (False, 1.0)])
+def test_native_moe_matches_float64_loop(rows, shape, normalize, scaling):
+    d, e, k, inter, latent, shared, colmajor = shape
+    c = case(rows, d, e, k, inter, latent, shared, colmajor, seed=rows * 31 + d)
+    args = (c["x"], c["router"], c["bias"], k, normalize, scaling, c["up"], c["down"], c["fc1"], c["fc2"],
+            c["shared_up"], c["shared_down"])
+    want = loop_reference(*args)
+    names = dict(fc1=c["fc1"], fc2=c["fc2"], shared_up=c["shared_up"], shared_down=c["shared_down"])
+    assert moe_ops.native_moe_ok(c["x"], c["router"], c["up"], c["down"], **names)
+    got = moe_ops.native_moe_rows(c["x"], c["router"], c["bias"], k, normalize, scaling, c["up"], c["down"], **names)
+    assert got.shape == (rows, d) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    # the PyTorch composition the model runs elsewhere agrees with the same loop
+    torch.testing.assert_close(moe_ops.moe_reference(*args).double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_native_moe_refuses_what_it_cannot_run():
+    c = case(2, 64, 8, 2, 32, 24, 48, True, seed=1)
+    w = dict(fc1=c["fc1"], fc2=c["fc2"], shared_up=c["shared_up"], shared_down=c["shared_down"])
+    x = c["x"]
+    assert moe_ops.native_moe_ok(x, c["router"], c["up"], c["down"], **w)
+    assert not moe_ops.native_moe_ok(torch.randn(9, 64), c["router"], c["up"], c["down"], **w)  # too many rows
+    assert not moe_ops.native_moe_ok(x, c["router"], c["up"], c["down"], n_group=2, **w)  # grouped routing
+    assert not moe_ops.native_moe_ok(x.double(), c["router"], c["up"], c["down"], **w)
+    assert not moe_ops.native_moe_ok(x, c["router"], c["up"].transpose(1, 2), c["down"], **w)  # experts strided
+    up = c["up"].clone().requires_grad_()
+    assert not moe_ops.native_moe_ok(x, c["router"], up, c["down"], **w)  # autograd wants the torch path
+    with pytest.raises(RuntimeError, match="refused"):  # a latent size that disagrees with the projections
+        moe_ops.native_moe_rows(x, c["router"], None, 2, True, 1.0, c["up"][:, :, :8].contiguous(),
+                                c["down"][:, :8].contiguous(), fc1=None, fc2=None)
+
+
+def test_native_moe_block_adds_norm_and_residual():
+    c = case(3, 64, 8, 2, 32, 24, 48, True, seed=5)
+    norm_w = torch.randn(64) * 0.5 + 1.0
+    eps = 1e-5
+    args = (c["router"], c["bias"], 2, True, 2.0, c["up"], c["down"], c["fc1"], c["fc2"], c["shared_up"],
+            c["shared_down"])
+    plan = moe_ops.prepare_native_moe(*args, norm_weight=norm_w, eps=eps)
+    x = c["x"]
+    xn = decode_blocks.rmsnorm_reference(x.double(), norm_w.double(), eps)
+    want = x.double() + loop_reference(xn, *args)
+    torch.testing.assert_close(plan(x, residual=True).double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_native_rmsnorm_rows(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 52, generator=g) * 3, torch.randn(52, generator=g)
+    assert decode_blocks.native_rmsnorm_ok(x, w)
+    torch.testing.assert_close(decode_blocks.rmsnorm_rows(x, w, 1e-5).double(),
+                               decode_blocks.rmsnorm_reference(x.double(), w.double(), 1e-5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("group,head_dim,column_major", [(2, 16, True), (4, 48, False), (1, 64, True)])
+@pytest.mark.parametrize("tokens_per_seq", [1, 3])
+def test_native_attention_block_matches_pytorch(group, head_dim, column_major, tokens_per_seq):
+    """Three sequences with 5, 17 and 40 tokens of context in scattered blocks of 4; each new token is stored,
+    then attends to its sequence's positions up to its own."""
+    g = torch.Generator().manual_seed(group * 100 + head_dim + tokens_per_seq)
+    d, kv_heads, bs = 40, 2, 4
+    heads = kv_heads * group
+
+    def weight(o, i):
+        w = torch.randn(o, i, generator=g) * i ** -0.5
+        return w.t().contiguous().t() if column_major else w
+
+    wq, wk, wv, wo = weight(heads * head_dim, d), weight(kv_heads * head_dim, d), weight(kv_heads * head_dim, d), \
+        weight(d, heads * head_dim)
+    norm_w = torch.randn(d, generator=g) * 0.3 + 1
+    contexts, blocks = [5, 17, 40], 40
+    perm = torch.randperm(blocks, generator=g).tolist()
+    tables_seq, at = [], 0
+    for ctx in contexts:
+        nb = -(-(ctx + tokens_per_seq) // bs)
+        tables_seq.append(perm[at: at + nb])
+        at += nb
+    width = max(map(len, tables_seq))
+    tables, lengths, new_rows = [], [], []
+    for tab, ctx in zip(tables_seq, contexts):
+        for j in range(tokens_per_seq):
+            p = ctx + j
+            tables.append(tab + [0] * (width - len(tab)))
+            lengths.append(p + 1)
+            new_rows.append(tab[p // bs] * bs + p % bs)
+    tables, lengths, new_rows = (torch.tensor(v, dtype=torch.long) for v in (tables, lengths, new_rows))
+    k_cache = torch.randn(kv_heads, blocks * bs, head_dim, generator=g)
+    v_cache = torch.randn(kv_heads, blocks * bs, head_dim, generator=g)
+    x = torch.randn(len(lengths), d, generator=g)
+    scale = head_dim ** -0.5
+    kc2, vc2 = k_cache.clone(), v_cache.clone()
+    want = decode_blocks.attention_block_reference(x, norm_w, 1e-5, wq, wk, wv, wo, heads, kv_heads, head_dim, scale,
+                                                   kc2, vc2, new_rows, tables, lengths, bs)
+    plan = decode_blocks.prepare_native_attention(norm_w, 1e-5, wq, wk, wv, wo, heads, kv_heads, head_dim, scale)
+    got = plan(x, k_cache, v_cache, new_rows, tables, lengths, bs, int(lengths.max()))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(k_cache, kc2, rtol=1e-5, atol=1e-6)  # the new keys and values were stored
+    torch.testing.assert_close(v_cache, vc2, rtol=1e-5, atol=1e-6)
+
+
+UNGROUPED = dataclasses.replace(TINY, n_group=1, topk_group=1)
+
+
+def count_calls(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    for cls, name in ((moe_ops.NativeMoE, "moe"), (decode_blocks.NativeAttention, "attention")):
+        original = cls.__call__
+        monkeypatch.setattr(cls, "__call__", lambda self, *a, _o=original, _n=name, **k: calls.append(_n) or _o(self, *a, **k))
+    return calls
+
+
+def test_model_moe_layer_with_and_without_native_kernel(monkeypatch):
+    model = tiny_model(seed=3, config=UNGROUPED)
+    layer = next(m for m in model.modules() if isinstance(m, moe_model.MoE))
+    calls = count_calls(monkeypatch)
+    for rows in (1, 4, 8, 9):
+        x = torch.randn(rows, UNGROUPED.hidden_size, generator=torch.Generator().manual_seed(rows))
+        with torch.inference_mode():
+            calls.clear()
+            got = layer(x)
+            assert len(calls) == (rows <= 8)
+            monkeypatch.setattr(fused, "enabled", False)
+            want = layer(x)
+            monkeypatch.setattr(fused, "enabled", True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a copy of a model that has prepared plans prepares its own (plans point at the original's tensors)
+    import copy
+    twin = copy.deepcopy(layer)
+    with torch.inference_mode():
+        x = torch.randn(2, UNGROUPED.hidden_size)
+        torch.testing.assert_close(twin(x), layer(x))
+        twin.experts.up_proj.zero_()
+        assert not torch.allclose(twin(x), layer(x))
+    # weights replaced after the first call (as loading or quantizing does): the plan is rebuilt from the new ones
+    with torch.inference_mode():
+        x = torch.randn(2, UNGROUPED.hidden_size)
+        layer.experts.up_proj.data = layer.experts.up_proj.data * 2
+        got = layer(x)
+        monkeypatch.setattr(fused, "enabled", False)
+        torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [0, 3])
+def test_engine_outputs_with_and_without_native_blocks(monkeypatch, spec):
+    """Greedy tokens and logprobs of staggered requests (decode steps, multi-token chunks over short contexts,
+    speculative verification and MTP drafts when spec > 0) equal the PyTorch paths'."""
+    from hylm.engine.llm import LLM
+    from hylm.engine.sampling_params import SamplingParams
+
+    model = tiny_model(seed=4, config=dataclasses.replace(UNGROUPED, num_nextn_predict_layers=1 if spec else 0,
+                                                                 mtp_pattern="*E" if spec else ""))
+    prompts = random_prompts(5, 3, 40, seed=33)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
+    calls = count_calls(monkeypatch)
+
+    def run():
+        llm = LLM(model, block_size=4, max_num_batched_tokens=16, speculative_tokens=spec)
+        return [(c.outputs[0].token_ids, c.outputs[0].logprobs) for c in llm.generate(prompts, params)]
+
+    with_native = run()
+    assert "moe" in calls and "attention" in calls
+    monkeypatch.setattr(fused, "enabled", False)
+    calls.clear()
+    without = run()
+    assert not calls
+    for (t1, lp1), (t2, lp2) in zip(with_native, without):
+        assert t1 == t2 and max(abs(a - b) for a, b in zip(lp1, lp2)) < 1e-4
