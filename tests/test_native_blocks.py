@@ -174,7 +174,9 @@ UNGROUPED = dataclasses.replace(TINY, n_group=1, topk_group=1)
 
 def count_calls(monkeypatch) -> list[str]:
     calls: list[str] = []
-    for cls, name in ((moe_ops.NativeMoE, "moe"), (decode_blocks.NativeAttention, "attention")):
+    from hylm.ops.mamba_step import NativeMambaBlock
+    for cls, name in ((moe_ops.NativeMoE, "moe"), (decode_blocks.NativeAttention, "attention"),
+                      (NativeMambaBlock, "mamba")):
         original = cls.__call__
         monkeypatch.setattr(cls, "__call__", lambda self, *a, _o=original, _n=name, **k: calls.append(_n) or _o(self, *a, **k))
     return calls
@@ -229,7 +231,7 @@ def test_engine_outputs_with_and_without_native_blocks(monkeypatch, spec):
         return [(c.outputs[0].token_ids, c.outputs[0].logprobs) for c in llm.generate(prompts, params)]
 
     with_native = run()
-    assert "moe" in calls and "attention" in calls
+    assert {"moe", "attention", "mamba"} <= set(calls)
     monkeypatch.setattr(fused, "enabled", False)
     calls.clear()
     without = run()

@@ -22,7 +22,7 @@ def applicable(x: torch.Tensor) -> bool:
 
 class PlanCache:
     """A prepared native plan and the storage of the tensors it was built from: rebuilt when any of them is
-    replaced (a new Parameter, `.data` reassigned, a module swapped for a quantized one). The plan keeps the old
+    replaced (a new Parameter, `.data` reassigned, a module swapped for a quantized one) or changed in place. The plan keeps the old
     storage alive, so a new tensor can never reuse its address unnoticed."""
 
     __slots__ = ("key", "plan")
@@ -40,7 +40,8 @@ class PlanCache:
     def get(self, sources: tuple[torch.Tensor | None, ...] | None, build: Callable[[], Any]) -> Any:
         if sources is None:
             return None
-        key = tuple(None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride()) for t in sources)
+        # _version: an in-place update (a training step) invalidates constants a plan derived, e.g. -exp(A_log)
+        key = tuple(None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t._version) for t in sources)
         if key != self.key:
             self.plan, self.key = build(), key
         return self.plan

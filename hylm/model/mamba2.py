@@ -12,12 +12,13 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.conv1d import causal_conv1d, causal_conv1d_step, conv_states_after_each
-from ..ops.mamba_step import mamba_decode_step
+from ..ops.mamba_step import mamba_decode_step, prepare_native_mamba_block
 from ..ops.mamba_step import native_supported as native_step_supported
 from ..ops.ssd import ssd_chunked, ssd_step, ssd_steps
+from . import fused
 from .batch import Batch, State
 from .linear import Linear
-from .norm import GatedRMSNorm
+from .norm import GatedRMSNorm, RMSNorm
 
 
 # Decode tokens, and speculative verification (up to NATIVE_MAX_KEEP_TOKENS tokens per sequence, the states
@@ -44,6 +45,45 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(self.d_inner, self.n_groups, eps=c.layer_norm_epsilon)
         self.out_proj = Linear(self.d_inner, c.hidden_size, bias=c.use_bias)
+
+    def fused_block(self, norm: nn.Module, x: torch.Tensor, batch: Batch, state: State | None
+                    ) -> torch.Tensor | None:
+        """x + self(norm(x)) in one native call where the fused step would run for every sequence (one decode
+        token each, or the same number of verified tokens each with states kept), for a few tokens at inference;
+        else None."""
+        if state is None or not fused.applicable(x) or not native_step_enabled:
+            return None
+        t = batch.seq_lens[0]
+        keep = bool(batch.keep_states and batch.keep_states[0])
+        if (any(n != t for n in batch.seq_lens) or (batch.keep_states and any(k != keep for k in batch.keep_states))
+                or not (t == 1 or (keep and t <= NATIVE_MAX_KEEP_TOKENS))):
+            return None
+        if (type(norm).forward is not RMSNorm.forward or type(self.norm) is not GatedRMSNorm
+                or any(not isinstance(p, nn.Linear) or p.bias is not None for p in (self.in_proj, self.out_proj))):
+            return None
+        conv_all, ssm_all = state.mamba(self.layer_idx)
+        if not native_step_supported(x, conv_all, ssm_all):
+            return None
+        if not hasattr(self, "_plan_cache"):
+            self._plan_cache = fused.PlanCache()
+        conv = self.conv1d
+        plan = self._plan_cache.get(
+            (norm.weight, self.in_proj.weight, self.out_proj.weight, conv.weight, conv.bias, self.dt_bias, self.A_log,
+             self.D, self.norm.weight),
+            lambda: prepare_native_mamba_block(
+                norm.weight, norm.eps, self.in_proj.weight, self.out_proj.weight, conv.weight, conv.bias, self.dt_bias,
+                self.A_log, self.D, (self.dt_min, self.dt_max), self.norm.weight, self.norm.eps, self.num_heads,
+                self.head_dim, self.n_groups, self.state_size))
+        if plan is None:
+            return None
+        seqs = list(range(batch.num_seqs))
+        slots = torch.tensor(self._reset_fresh(seqs, batch, conv_all, ssm_all), dtype=torch.int64)
+        out, convs, ssms = plan(x, conv_all, ssm_all, slots, t, keep)
+        if keep:
+            layer_saved = batch.saved_states.setdefault(self.layer_idx, {})
+            for i in seqs:
+                layer_saved[i] = (convs[i], ssms[i])  # [t, C, K-1], [t, H, P, N]
+        return out
 
     def forward(self, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:
         """x: [N, D] packed tokens -> [N, D]."""

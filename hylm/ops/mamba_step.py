@@ -53,3 +53,73 @@ def mamba_decode_step(xbc: torch.Tensor, dt: torch.Tensor, conv_pool: torch.Tens
     if rc != 0:
         raise ValueError(f"mamba_decode_step: kernel refused C={c}, H={h}, P={p}, groups={n_groups}, N={n}")
     return y, conv_after, ssm_after
+
+
+class NativeMambaBlock:
+    """A whole Mamba-2 block for a few tokens per call (hylm_mamba_rows in hylm/ops/csrc/decode_blocks.c):
+    x + out_proj(gated_norm(mamba_decode_step(in_proj(rmsnorm(x))), z)), its weights and constants (A = -exp(A_log),
+    the squeezed conv weight) prepared once. Build it with `prepare_native_mamba_block`."""
+
+    def __init__(self, norm_weight: torch.Tensor, eps: float, in_proj: torch.Tensor, out_proj: torch.Tensor,
+                 conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, dt_bias: torch.Tensor, A_log: torch.Tensor,
+                 D: torch.Tensor | None, dt_limits: tuple[float, float], gnorm_weight: torch.Tensor, gnorm_eps: float,
+                 num_heads: int, head_dim: int, n_groups: int, state_size: int):
+        f32 = torch.float32
+        w = conv_weight.reshape(conv_weight.shape[0], -1).to(f32).contiguous()  # [C, K]
+        cb = conv_bias.to(f32).contiguous() if conv_bias is not None else None
+        dtb = dt_bias.to(f32).contiguous()
+        a = (-torch.exp(A_log.float())).contiguous()  # [H]
+        d = D.to(f32).contiguous() if D is not None else None
+        self.keep = (norm_weight, in_proj, out_proj, w, cb, dtb, a, d, gnorm_weight)  # alive while in use
+        self.conv_dim, self.kernel = w.shape
+        self.heads, self.head_dim, self.state_size = num_heads, head_dim, state_size
+        lo, hi = dt_limits
+
+        def layout(m: torch.Tensor) -> int:
+            return 0 if m.is_contiguous() else 1
+
+        self._kernel = native.library().hylm_mamba_rows
+        self._weights = (norm_weight.data_ptr(), float(eps), in_proj.data_ptr(), layout(in_proj), out_proj.data_ptr(),
+                         layout(out_proj))
+        self._constants = (w.data_ptr(), cb.data_ptr() if cb is not None else None, self.kernel, dtb.data_ptr(),
+                           a.data_ptr(), d.data_ptr() if d is not None else None, float(lo),
+                           float(hi if hi < math.inf else 3.0e38))
+        self._norm = (gnorm_weight.data_ptr(), float(gnorm_eps), n_groups)
+        self._groups = n_groups
+
+    def __call__(self, x: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor, slots: torch.Tensor,
+                 tokens: int, keep_states: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """x [b * tokens, D] fp32 (packed by sequence), pools [S, C, K-1] and [S, H, P, N] fp32 contiguous, slots
+        [b] int64 distinct -> (out [b * tokens, D], and with keep_states the states after each token, conv
+        [b, tokens, C, K-1] and ssm [b, tokens, H, P, N], else None, None)."""
+        x = x.contiguous()  # [R, D]
+        b = slots.shape[0]
+        out = torch.empty_like(x)  # [R, D]
+        conv_after = torch.empty(b, tokens, self.conv_dim, self.kernel - 1) if keep_states else None
+        ssm_after = torch.empty(b, tokens, self.heads, self.head_dim, self.state_size) if keep_states else None
+        rc = self._kernel(x.data_ptr(), x.shape[0], x.shape[1], *self._weights, conv_pool.data_ptr(), *self._constants,
+                          ssm_pool.data_ptr(), slots.data_ptr(), b, tokens, self.conv_dim, self.heads, self.head_dim,
+                          self._groups, self.state_size, *self._norm,
+                          conv_after.data_ptr() if keep_states else None, ssm_after.data_ptr() if keep_states else None,
+                          out.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"native Mamba block refused {b} x {tokens} tokens (code {rc})")
+        return out, conv_after, ssm_after
+
+
+def prepare_native_mamba_block(norm_weight: torch.Tensor, eps: float, in_proj: torch.Tensor, out_proj: torch.Tensor,
+                               conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, dt_bias: torch.Tensor,
+                               A_log: torch.Tensor, D: torch.Tensor | None, dt_limits: tuple[float, float],
+                               gnorm_weight: torch.Tensor, gnorm_eps: float, num_heads: int, head_dim: int,
+                               n_groups: int, state_size: int) -> NativeMambaBlock | None:
+    """A NativeMambaBlock for fp32 CPU weights (projections row- or column-major), or None."""
+    mats = (in_proj, out_proj)
+    vecs = (norm_weight, gnorm_weight)
+    if not native.available() or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in mats + vecs):
+        return None
+    if not all(m.dim() == 2 and (m.is_contiguous() or m.t().is_contiguous()) for m in mats):
+        return None
+    if not all(v.is_contiguous() for v in vecs) or conv_weight.device.type != "cpu":
+        return None
+    return NativeMambaBlock(norm_weight, eps, in_proj, out_proj, conv_weight, conv_bias, dt_bias, A_log, D, dt_limits,
+                            gnorm_weight, gnorm_eps, num_heads, head_dim, n_groups, state_size)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = tuple(sorted(CSRC.glob("*.c")))  # built into one library
 HEADERS = tuple(sorted(CSRC.glob("*.h")))
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 
 def cache_dir() -> Path:
@@ -107,6 +107,9 @@ def library() -> ctypes.CDLL | None:
     lib.hylm_attention_rows.restype = i32
     lib.hylm_attention_rows.argtypes = [ptr, i64, i64, ptr, f32, ptr, i32, ptr, i32, ptr, i32, ptr, i32, i64, i64, i64,
                                         ptr, ptr, i64, ptr, ptr, i64, ptr, i64, f32, i32, ptr, ptr]
+    lib.hylm_mamba_rows.restype = i32
+    lib.hylm_mamba_rows.argtypes = [ptr, i64, i64, ptr, f32, ptr, i32, ptr, i32, ptr, ptr, ptr, i64, ptr, ptr, ptr, f32,
+                                    f32, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, f32, i64, ptr, ptr, ptr]
     return lib
 
 

@@ -66,3 +66,47 @@ int hylm_attention_rows(const float *x, int64_t N, int64_t D, const float *norm_
     free(buf);
     return rc;
 }
+
+
+int hylm_mamba_steps(const float *xbc, int64_t xbc_stride, const float *dt, int64_t dt_stride, float *conv,
+                     const float *conv_w, const float *conv_b, int64_t K, const float *dt_bias, const float *A,
+                     const float *D, float dt_min, float dt_max, float *ssm, const int64_t *slot, int64_t b,
+                     int64_t t, int64_t C, int64_t H, int64_t P, int64_t G, int64_t N, float *work, float *y,
+                     float *conv_after, float *ssm_after);
+
+/* The Mamba-2 block for t new tokens of each of b sequences (packed by sequence, R = b * t rows of x [R, Dm]):
+ * out = x + out_proj(gated_norm(ssm(conv(in_proj(rmsnorm(x)))), z)), the conv and SSM states of the pool's
+ * slots updated in place (hylm_mamba_steps in mamba_step.c; conv_after / ssm_after: the states after every token,
+ * or NULL). in_proj's output is [z (d_inner), xBC (C), dt (H)]; the gated norm is y * silu(z), normalised over
+ * norm_groups groups of channels, times gnorm_w. */
+int hylm_mamba_rows(const float *x, int64_t R, int64_t Dm, const float *norm_w, float eps, const float *w_in,
+                    int w_in_t, const float *w_out, int w_out_t, float *conv, const float *conv_w,
+                    const float *conv_b, int64_t K, const float *dt_bias, const float *A, const float *Dskip,
+                    float dt_min, float dt_max, float *ssm, const int64_t *slot, int64_t b, int64_t t, int64_t C,
+                    int64_t H, int64_t P, int64_t G, int64_t N, const float *gnorm_w, float gnorm_eps,
+                    int64_t norm_groups, float *conv_after, float *ssm_after, float *out) {
+    const int64_t d_inner = H * P, width = d_inner + C + H;
+    if (R != b * t || R < 1 || Dm < 1 || norm_groups < 1 || d_inner % norm_groups != 0) return -1;
+    float *buf = malloc((size_t)(R * (Dm + width + C + 2 * d_inner)) * sizeof(float));
+    if (!buf) return -5;
+    float *h = buf, *proj = h + R * Dm, *work = proj + R * width, *y = work + R * C, *gated = y + R * d_inner;
+    for (int64_t r = 0; r < R; r++) rmsnorm_row(x + r * Dm, norm_w, eps, Dm, h + r * Dm);
+#pragma omp parallel
+    rows_product(h, w_in, w_in_t, proj, R, Dm, width);
+    int rc = hylm_mamba_steps(proj + d_inner, width, proj + d_inner + C, width, conv, conv_w, conv_b, K, dt_bias, A,
+                              Dskip, dt_min, dt_max, ssm, slot, b, t, C, H, P, G, N, work, y, conv_after, ssm_after);
+    if (rc == 0) {
+        const int64_t gs = d_inner / norm_groups;
+        for (int64_t r = 0; r < R; r++) {
+            const float *z = proj + r * width, *yr = y + r * d_inner;
+            float *g = gated + r * d_inner;
+            for (int64_t i = 0; i < d_inner; i++) g[i] = yr[i] * (z[i] / (1.0f + expf(-z[i])));
+            for (int64_t q = 0; q < norm_groups; q++) rmsnorm_row(g + q * gs, gnorm_w + q * gs, gnorm_eps, gs, g + q * gs);
+        }
+#pragma omp parallel
+        rows_product(gated, w_out, w_out_t, out, R, d_inner, Dm);
+        for (int64_t i = 0; i < R * Dm; i++) out[i] += x[i];
+    }
+    free(buf);
+    return rc;
+}

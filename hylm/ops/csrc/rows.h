@@ -26,6 +26,7 @@ static inline __attribute__((always_inline)) void rows_tile(const float *x, cons
     const float *w0 = W + n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
     for (int64_t k = 0; k < K; k += 8) {
         v8 a = load8(w0 + k), b = load8(w1 + k), c = load8(w2 + k), d = load8(w3 + k);
+#pragma GCC unroll 4
         for (int j = 0; j < J; j++) {
             v8 p = load8(x + (r0 + j) * K + k);
             acc[4 * j] += p * a;
@@ -53,6 +54,7 @@ static inline __attribute__((always_inline)) void rows_tile_t(const float *x, co
     for (int64_t k = 0; k < K; k++) {
         const float *w = Wt + k * N + n0;
         v8 a = load8(w), b = load8(w + 8), c = load8(w + 16), d = load8(w + 24);
+#pragma GCC unroll 4
         for (int j = 0; j < J; j++) {
             float s = x[(r0 + j) * K + k];
             acc[4 * j] += s * a;
@@ -62,6 +64,27 @@ static inline __attribute__((always_inline)) void rows_tile_t(const float *x, co
         }
     }
     for (int j = 0; j < J; j++) memcpy(y + (r0 + j) * N + n0, acc + 4 * j, 4 * sizeof(v8));
+}
+
+/* rows_tile_t over columns n0..n0+31 where fewer than 32 remain (see rows_tail): rows of Wt but the last are read
+ * in place, the last from `last` (its remaining weights, zero-padded); out [J, 32] */
+static inline __attribute__((always_inline)) void rows_tile_t_part(const float *x, const float *Wt, const float *last,
+                                                                   int64_t K, int64_t N, int64_t r0, int64_t n0,
+                                                                   const int J, float *out) {
+    v8 acc[16] = {0};
+    for (int64_t k = 0; k < K; k++) {
+        const float *w = k < K - 1 ? Wt + k * N + n0 : last;
+        v8 a = load8(w), b = load8(w + 8), c = load8(w + 16), d = load8(w + 24);
+#pragma GCC unroll 4
+        for (int j = 0; j < J; j++) {
+            float s = x[(r0 + j) * K + k];
+            acc[4 * j] += s * a;
+            acc[4 * j + 1] += s * b;
+            acc[4 * j + 2] += s * c;
+            acc[4 * j + 3] += s * d;
+        }
+    }
+    memcpy(out, acc, (size_t)J * 4 * sizeof(v8));
 }
 
 /* rows r0.. (up to 4 of R) of one 4-output tile of a row-major W */
@@ -99,22 +122,29 @@ static inline void rows_tile_t_any(const float *x, const float *Wt, float *y, in
     }
 }
 
-/* the outputs from n_lo on (the last N % tile ones), every row, scalar */
+/* the outputs from n_lo on (the last N % tile ones, fewer than 32), every row. Column-major: one pass over the
+ * rows of Wt with the rows' partial sums on the stack, so that each k reads its few weights once. */
 static inline void rows_tail(const float *x, const float *W, int transposed, float *y, int64_t R, int64_t K,
                              int64_t N, int64_t n_lo) {
-    for (int64_t r = 0; r < R; r++) {
-        float *yr = y + r * N;
-        const float *xr = x + r * K;
-        if (!transposed) {
-            for (int64_t n = n_lo; n < N; n++) yr[n] = rows_dot(xr, W + n * K, K);
-            continue;
+    if (!transposed) {
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t n = n_lo; n < N; n++) y[r * N + n] = rows_dot(x + r * K, W + n * K, K);
+        return;
+    }
+    /* a 32-wide tile over columns n_lo..n_lo+31: for every row of Wt but the last, the lanes past N read the start
+     * of the next row (in bounds, results discarded); the last row's few weights go through a zero-padded copy */
+    const int64_t m = N - n_lo;
+    float last[32] = {0}, out[4 * 32];
+    memcpy(last, W + (K - 1) * N + n_lo, (size_t)m * sizeof(float));
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+        const int64_t J = R - r0 < 4 ? R - r0 : 4;
+        switch (J) {
+            case 1: rows_tile_t_part(x, W, last, K, N, r0, n_lo, 1, out); break;
+            case 2: rows_tile_t_part(x, W, last, K, N, r0, n_lo, 2, out); break;
+            case 3: rows_tile_t_part(x, W, last, K, N, r0, n_lo, 3, out); break;
+            default: rows_tile_t_part(x, W, last, K, N, r0, n_lo, 4, out);
         }
-        for (int64_t n = n_lo; n < N; n++) yr[n] = 0.0f;
-        for (int64_t k = 0; k < K; k++) {
-            float s = xr[k];
-            const float *w = W + k * N;
-            for (int64_t n = n_lo; n < N; n++) yr[n] += s * w[n];
-        }
+        for (int64_t j = 0; j < J; j++) memcpy(y + (r0 + j) * N + n_lo, out + 32 * j, (size_t)m * sizeof(float));
     }
 }
 
