@@ -63,8 +63,8 @@ class Attention(nn.Module):
         the paged kernel) where the paged path below would run with an fp32 cache, for a few tokens at
         inference; else None."""
         n = x.shape[0]
-        if (state is None or not fused.applicable(x) or n > BLOCK_MAX_ROWS or not hasattr(state, "kv_paged_layout")
-                or not native_decode_enabled or type(norm).forward is not RMSNorm.forward
+        if (type(self).forward is not Attention.forward or state is None or not fused.applicable(x)
+                or n > BLOCK_MAX_ROWS or not hasattr(state, "kv_paged_layout") or not native_decode_enabled or type(norm).forward is not RMSNorm.forward
                 or getattr(state, "kv_dtype", torch.float32) != torch.float32 or min(batch.context_lens) == 0
                 or not (n == batch.num_seqs or (max(batch.seq_lens) <= PAGED_MAX_NEW_TOKENS
                                                 and max(batch.context_lens) <= PAGED_MAX_CONTEXT_MULTI))):

@@ -22,8 +22,8 @@ def applicable(x: torch.Tensor) -> bool:
 
 class PlanCache:
     """A prepared native plan and the storage of the tensors it was built from: rebuilt when any of them is
-    replaced (a new Parameter, `.data` reassigned, a module swapped for a quantized one) or changed in place. The plan keeps the old
-    storage alive, so a new tensor can never reuse its address unnoticed."""
+    replaced (a new Parameter, `.data` reassigned, a module swapped for a quantized one) or changed in place.
+    The plan keeps the old storage alive, so a new tensor can never reuse its address unnoticed."""
 
     __slots__ = ("key", "plan")
 

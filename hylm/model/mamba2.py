@@ -51,7 +51,8 @@ class Mamba2Mixer(nn.Module):
         """x + self(norm(x)) in one native call where the fused step would run for every sequence (one decode
         token each, or the same number of verified tokens each with states kept), for a few tokens at inference;
         else None."""
-        if state is None or not fused.applicable(x) or not native_step_enabled:
+        if type(self).forward is not Mamba2Mixer.forward or state is None or not fused.applicable(x) \
+                or not native_step_enabled:
             return None
         t = batch.seq_lens[0]
         keep = bool(batch.keep_states and batch.keep_states[0])

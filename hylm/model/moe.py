@@ -60,8 +60,8 @@ class MoE(nn.Module):
     def _sources(self, norm_weight: torch.Tensor | None) -> tuple | None:
         """The tensors the native kernel reads, or None where it can't run this layer (quantized experts or
         projections, biases)."""
-        if not isinstance(self.experts, Experts):
-            return None
+        if not isinstance(self.experts, Experts) or type(self).forward is not MoE.forward:
+            return None  # quantized experts, or a subclass computing something else (expert parallelism's part)
         mods = [self.fc1_latent_proj, self.fc2_latent_proj] if self.latent else [None, None]
         mods += [self.shared_experts.up_proj, self.shared_experts.down_proj] if self.shared_experts is not None \
             else [None, None]
