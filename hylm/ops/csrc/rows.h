@@ -47,33 +47,15 @@ static inline float rows_dot(const float *a, const float *b, int64_t K) {
     return s;
 }
 
-/* outputs n0..n0+31 of rows r0..r0+J-1 over Wt [K, N] */
-static inline __attribute__((always_inline)) void rows_tile_t(const float *x, const float *Wt, int64_t K, int64_t N,
-                                                              int64_t r0, int64_t n0, const int J, float *y) {
+/* outputs n0..n0+31 of rows r0..r0+J-1 over Wt [K, N] into out [J, 32]. With `last` (a partial tile: fewer
+ * than 32 outputs remain, see rows_tail) the last row of Wt is read from there, zero-padded; the other rows'
+ * lanes past N read the start of the next row, in bounds and discarded. */
+static inline __attribute__((always_inline)) void rows_tile_t(const float *x, const float *Wt, const float *last,
+                                                              int64_t K, int64_t N, int64_t r0, int64_t n0,
+                                                              const int J, float *out) {
     v8 acc[16] = {0};
     for (int64_t k = 0; k < K; k++) {
-        const float *w = Wt + k * N + n0;
-        v8 a = load8(w), b = load8(w + 8), c = load8(w + 16), d = load8(w + 24);
-#pragma GCC unroll 4
-        for (int j = 0; j < J; j++) {
-            float s = x[(r0 + j) * K + k];
-            acc[4 * j] += s * a;
-            acc[4 * j + 1] += s * b;
-            acc[4 * j + 2] += s * c;
-            acc[4 * j + 3] += s * d;
-        }
-    }
-    for (int j = 0; j < J; j++) memcpy(y + (r0 + j) * N + n0, acc + 4 * j, 4 * sizeof(v8));
-}
-
-/* rows_tile_t over columns n0..n0+31 where fewer than 32 remain (see rows_tail): rows of Wt but the last are read
- * in place, the last from `last` (its remaining weights, zero-padded); out [J, 32] */
-static inline __attribute__((always_inline)) void rows_tile_t_part(const float *x, const float *Wt, const float *last,
-                                                                   int64_t K, int64_t N, int64_t r0, int64_t n0,
-                                                                   const int J, float *out) {
-    v8 acc[16] = {0};
-    for (int64_t k = 0; k < K; k++) {
-        const float *w = k < K - 1 ? Wt + k * N + n0 : last;
+        const float *w = last && k == K - 1 ? last : Wt + k * N + n0;
         v8 a = load8(w), b = load8(w + 8), c = load8(w + 16), d = load8(w + 24);
 #pragma GCC unroll 4
         for (int j = 0; j < J; j++) {
@@ -85,6 +67,22 @@ static inline __attribute__((always_inline)) void rows_tile_t_part(const float *
         }
     }
     memcpy(out, acc, (size_t)J * 4 * sizeof(v8));
+}
+
+/* columns n0..n0+m-1 (m <= 32) of every row through rows_tile_t, 4 rows at a time */
+static inline void rows_tile_t_all(const float *x, const float *Wt, const float *last, float *y, int64_t R,
+                                   int64_t K, int64_t N, int64_t n0, int64_t m) {
+    float out[4 * 32];
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+        const int64_t J = R - r0 < 4 ? R - r0 : 4;
+        switch (J) {
+            case 1: rows_tile_t(x, Wt, last, K, N, r0, n0, 1, out); break;
+            case 2: rows_tile_t(x, Wt, last, K, N, r0, n0, 2, out); break;
+            case 3: rows_tile_t(x, Wt, last, K, N, r0, n0, 3, out); break;
+            default: rows_tile_t(x, Wt, last, K, N, r0, n0, 4, out);
+        }
+        for (int64_t j = 0; j < J; j++) memcpy(y + (r0 + j) * N + n0, out + 32 * j, (size_t)m * sizeof(float));
+    }
 }
 
 /* rows r0.. (up to 4 of R) of one 4-output tile of a row-major W */
@@ -109,21 +107,9 @@ static inline void rows_tile_any(const float *x, const float *W, float *y, int64
     }
 }
 
-/* rows of one 32-output tile of a column-major Wt */
-static inline void rows_tile_t_any(const float *x, const float *Wt, float *y, int64_t R, int64_t K, int64_t N,
-                                   int64_t n0) {
-    for (int64_t r0 = 0; r0 < R; r0 += 4) {
-        switch (R - r0 < 4 ? R - r0 : 4) {
-            case 1: rows_tile_t(x, Wt, K, N, r0, n0, 1, y); break;
-            case 2: rows_tile_t(x, Wt, K, N, r0, n0, 2, y); break;
-            case 3: rows_tile_t(x, Wt, K, N, r0, n0, 3, y); break;
-            default: rows_tile_t(x, Wt, K, N, r0, n0, 4, y);
-        }
-    }
-}
-
-/* the outputs from n_lo on (the last N % tile ones, fewer than 32), every row. Column-major: one pass over the
- * rows of Wt with the rows' partial sums on the stack, so that each k reads its few weights once. */
+/* the outputs from n_lo on (the last N % tile ones), every row. Column-major: one padded 32-wide tile (see
+ * rows_tile_t: its reads past N stay in bounds because a full tile precedes it, N >= 32), else a scalar pass
+ * over the rows of Wt. */
 static inline void rows_tail(const float *x, const float *W, int transposed, float *y, int64_t R, int64_t K,
                              int64_t N, int64_t n_lo) {
     if (!transposed) {
@@ -131,21 +117,18 @@ static inline void rows_tail(const float *x, const float *W, int transposed, flo
             for (int64_t n = n_lo; n < N; n++) y[r * N + n] = rows_dot(x + r * K, W + n * K, K);
         return;
     }
-    /* a 32-wide tile over columns n_lo..n_lo+31: for every row of Wt but the last, the lanes past N read the start
-     * of the next row (in bounds, results discarded); the last row's few weights go through a zero-padded copy */
-    const int64_t m = N - n_lo;
-    float last[32] = {0}, out[4 * 32];
-    memcpy(last, W + (K - 1) * N + n_lo, (size_t)m * sizeof(float));
-    for (int64_t r0 = 0; r0 < R; r0 += 4) {
-        const int64_t J = R - r0 < 4 ? R - r0 : 4;
-        switch (J) {
-            case 1: rows_tile_t_part(x, W, last, K, N, r0, n_lo, 1, out); break;
-            case 2: rows_tile_t_part(x, W, last, K, N, r0, n_lo, 2, out); break;
-            case 3: rows_tile_t_part(x, W, last, K, N, r0, n_lo, 3, out); break;
-            default: rows_tile_t_part(x, W, last, K, N, r0, n_lo, 4, out);
+    if (n_lo == 0) {
+        for (int64_t r = 0; r < R; r++) {
+            float *yr = y + r * N;
+            for (int64_t n = 0; n < N; n++) yr[n] = 0.0f;
+            for (int64_t k = 0; k < K; k++)
+                for (int64_t n = 0; n < N; n++) yr[n] += x[r * K + k] * W[k * N + n];
         }
-        for (int64_t j = 0; j < J; j++) memcpy(y + (r0 + j) * N + n_lo, out + 32 * j, (size_t)m * sizeof(float));
+        return;
     }
+    float last[32] = {0};
+    memcpy(last, W + (K - 1) * N + n_lo, (size_t)(N - n_lo) * sizeof(float));
+    rows_tile_t_all(x, W, last, y, R, K, N, n_lo, N - n_lo);
 }
 
 /* y [R, N] = x [R, K] W^T; W row-major [N, K], or (transposed) its column-major copy Wt [K, N].
@@ -158,7 +141,7 @@ static inline void rows_product(const float *x, const float *W, int transposed, 
         if (t == tiles)
             rows_tail(x, W, transposed, y, R, K, N, tiles * width);
         else if (transposed)
-            rows_tile_t_any(x, W, y, R, K, N, t * width);
+            rows_tile_t_all(x, W, NULL, y, R, K, N, t * width, 32);
         else
             rows_tile_any(x, W, y, R, K, N, t * width);
     }
