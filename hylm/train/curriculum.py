@@ -86,20 +86,6 @@ CITIES = ("Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Lisbon", "Osl
 CURRENCIES = ("USD", "EUR", "GBP", "JPY", "CHF", "CAD", "AUD", "SEK")
 SYMBOLS = ("ACME", "BOLT", "CORE", "DYNA", "EPIC", "FLUX", "GRID", "HALO", "IRIS", "JADE")
 CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "snowy", "foggy")
-# needle word values: disjoint from every word list above (tests/test_curriculum.py checks it)
-VALUE_WORDS = ("anchor", "badger", "banjo", "barrel", "beacon", "beetle", "biscuit", "blanket", "bucket", "button",
-               "cactus", "canyon", "carpet", "cello", "cherry", "chimney", "compass", "cricket", "dolphin",
-               "feather", "fiddle", "fountain", "giraffe", "glacier", "hammer", "helmet", "jacket", "kettle",
-               "ladder", "lemon", "lizard", "magnet", "monkey", "napkin", "needle", "otter", "paddle", "parrot",
-               "pebble", "pepper", "pillow", "pirate", "planet", "pocket", "puzzle", "ribbon", "rocket", "saddle",
-               "scooter", "shovel", "spider", "squirrel", "teapot", "thimble", "trumpet", "tunnel", "turtle",
-               "umbrella", "walrus", "whistle", "wizard", "zebra", "amber", "ancient", "brisk", "crimson",
-               "curious", "dusty", "eager", "elegant", "fancy", "fierce", "fluffy", "frosty", "gigantic", "glossy",
-               "graceful", "grumpy", "hollow", "humble", "icy", "jolly", "keen", "lively", "lonely", "lucky",
-               "mellow", "misty", "modern", "nimble", "noisy", "odd", "orange", "pale", "patient", "plucky",
-               "polite", "rapid", "restless", "rusty", "scarlet", "shiny", "silent", "sleepy", "slender", "smoky",
-               "sneaky", "sour", "spicy", "steady", "stormy", "sturdy", "swift", "tame", "tired", "velvet", "vivid",
-               "wandering", "wise", "witty", "wooden", "zealous")
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are a careful assistant. Answer precisely.",
                   "You are a concise assistant.")
 
@@ -150,10 +136,7 @@ def _needle_key(rng: random.Random) -> str:
 def _needle_value(rng: random.Random, kind: str) -> str:
     if kind == "number":
         return str(rng.randrange(1_000_000, 10_000_000))  # 7 digits, as RULER
-    # one word from a list that shares nothing with the keys and the filler: a value built from the filler's
-    # own words (v2 used "calmsong" compounds) is copied from the wrong place, the model then retrieves
-    # fragments of the surrounding text instead of the needle
-    return rng.choice(VALUE_WORDS)
+    return f"{rng.choice(ADJECTIVES)}{rng.choice(NOUNS)}"  # a made-up compound word: "goldenfalcon"
 
 
 def _haystack_size(rng: random.Random, opts: Mapping[str, Any]) -> int:
