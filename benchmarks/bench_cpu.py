@@ -226,6 +226,9 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="hylm and transformers measurements alternate this many times per row and the row shows "
+                         "the medians (this machine's speed drifts by up to 25%% between runs)")
     ap.add_argument("--compare-kernels", action="store_true",
                     help="also run hylm with its dense products on F.linear (MKL) instead of oneDNN: a column "
                          "showing what hylm.ops.linear gains")
@@ -285,18 +288,30 @@ def main() -> None:
     hylm_prefill(model, 256)  # warm-up: first calls allocate and initialise kernels
     if hf:
         hf_prefill(hf, 256)
+
+    def measure(hylm_fn, hf_fn, *fn_args) -> tuple[tuple[float, float | None], float | None]:
+        """hylm (both product routes with --compare-kernels) and transformers alternately, --repeats times:
+        the medians."""
+        runs_h, runs_m, runs_t = [], [], []
+        for _ in range(args.repeats):
+            h, m = both_paths(hylm_fn, model, *fn_args)
+            runs_h.append(h)
+            if m is not None:
+                runs_m.append(m)
+            if hf:
+                runs_t.append(hf_fn(hf, *fn_args))
+        median = (lambda v: sorted(v)[len(v) // 2] if v else None)
+        return (median(runs_h), median(runs_m)), median(runs_t)
+
     for n in contexts:
-        h = both_paths(hylm_prefill, model, n)
-        t = hf_prefill(hf, n) if hf else None
+        h, t = measure(hylm_prefill, hf_prefill, n)
         row(f"prefill {n} tok/s", h, t, roof=flops * n / prefill_flops(model, n))
     for n in contexts:
-        h = both_paths(hylm_decode, model, 1, n, new_tokens)
-        t = hf_decode(hf, 1, n, new_tokens) if hf else None
+        h, t = measure(hylm_decode, hf_decode, 1, n, new_tokens)
         roof = bw / (wbytes + n * kv_tok + 2 * state)
         row(f"decode @ctx {n} tok/s (batch 1)", h, t, roof)
     for b in batches:
-        h = both_paths(hylm_decode, model, b, 128, new_tokens)
-        t = hf_decode(hf, b, 128, new_tokens) if hf else None
+        h, t = measure(hylm_decode, hf_decode, b, 128, new_tokens)
         roof = b * bw / (wbytes + b * (128 * kv_tok + 2 * state))
         row(f"aggregate decode batch {b} tok/s", h, t, roof)
 

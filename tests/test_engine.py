@@ -192,8 +192,9 @@ def test_narrow_kv_cache_dtype(model):
     small_chunks = _logprob_run(model, prompts, kv_cache_dtype="bf16", max_num_batched_tokens=5)
     for (t_ref, lp_ref), (t1, lp1), (t2, lp2) in zip(ref, one_chunk, small_chunks):
         assert t1 == t2
-        # to fp32 rounding: chunks of 5 and of 64 rows run their products on different GEMM kernels
-        assert max(abs(a - b) for a, b in zip(lp1, lp2)) < 1e-4
+        # chunks of 5 and of 64 rows run their products on different kernels: k and v differ by fp32 rounding,
+        # which now and then lands a value on the other side of a bf16 rounding boundary in the cache
+        assert max(abs(a - b) for a, b in zip(lp1, lp2)) < 1e-3
         n = next((j for j, (a, b) in enumerate(zip(t_ref, t1)) if a != b), len(t1))
         assert n > 0 and max(abs(a - b) for a, b in zip(lp_ref[:n], lp1[:n])) < 0.05
     with pytest.raises(ValueError, match="kv_cache_dtype"):

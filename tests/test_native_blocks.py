@@ -60,7 +60,7 @@ def case(rows, d, e, k, inter, latent, shared, column_major, seed):
         shared_up=weight(shared, d) if shared else None, shared_down=weight(d, shared) if shared else None)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 37])
 @pytest.mark.parametrize("shape", [
     # d, experts, top_k, expert size, latent, shared, column-major projections
     (64, 8, 2, 32, 24, 48, True),  # engine tests' shape
@@ -90,7 +90,7 @@ def test_native_moe_refuses_what_it_cannot_run():
     w = dict(fc1=c["fc1"], fc2=c["fc2"], shared_up=c["shared_up"], shared_down=c["shared_down"])
     x = c["x"]
     assert moe_ops.native_moe_ok(x, c["router"], c["up"], c["down"], **w)
-    assert not moe_ops.native_moe_ok(torch.randn(9, 64), c["router"], c["up"], c["down"], **w)  # too many rows
+    assert not moe_ops.native_moe_ok(torch.randn(moe_ops.NATIVE_MAX_ROWS + 1, 64), c["router"], c["up"], c["down"], **w)  # too many rows
     assert not moe_ops.native_moe_ok(x, c["router"], c["up"], c["down"], n_group=2, **w)  # grouped routing
     assert not moe_ops.native_moe_ok(x.double(), c["router"], c["up"], c["down"], **w)
     assert not moe_ops.native_moe_ok(x, c["router"], c["up"].transpose(1, 2), c["down"], **w)  # experts strided
@@ -186,12 +186,12 @@ def test_model_moe_layer_with_and_without_native_kernel(monkeypatch):
     model = tiny_model(seed=3, config=UNGROUPED)
     layer = next(m for m in model.modules() if isinstance(m, moe_model.MoE))
     calls = count_calls(monkeypatch)
-    for rows in (1, 4, 8, 9):
+    for rows in (1, 4, 8, 40, fused.MAX_ROWS + 1):
         x = torch.randn(rows, UNGROUPED.hidden_size, generator=torch.Generator().manual_seed(rows))
         with torch.inference_mode():
             calls.clear()
             got = layer(x)
-            assert len(calls) == (rows <= 8)
+            assert len(calls) == (rows <= fused.MAX_ROWS)
             monkeypatch.setattr(fused, "enabled", False)
             want = layer(x)
             monkeypatch.setattr(fused, "enabled", True)

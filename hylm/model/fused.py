@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 enabled = True  # benchmarks and tests flip this to compare with the PyTorch paths in one process
-MAX_ROWS = 8
+MAX_ROWS = 64  # measured: 32-row decode batches and 8 x 6-token verifications gain over the MKL/oneDNN paths too
 
 
 def applicable(x: torch.Tensor) -> bool:

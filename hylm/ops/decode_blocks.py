@@ -11,7 +11,7 @@ from . import native
 from .linear import linear
 from .paged_attention import _splits, paged_decode_reference
 
-MAX_ROWS = 16  # new tokens per call (beyond, oneDNN/MKL products amortise their dispatch)
+MAX_ROWS = 64  # new tokens per call (beyond, oneDNN/MKL products amortise their dispatch)
 
 
 def _layout(w: torch.Tensor) -> int | None:

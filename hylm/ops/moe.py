@@ -156,10 +156,10 @@ def dense_expert_mlp(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------------------------- native
-# A whole LatentMoE layer for up to this many tokens goes through one call of hylm's native kernel
+# A whole LatentMoE layer for up to this many tokens (the C kernel's limit) goes through one call of hylm's native kernel
 # (hylm/ops/csrc/moe_rows.c) where it is built: decode steps, small decode batches, speculative verification
 # and MTP drafts, for which the PyTorch composition below is ~30 dispatches of a few microseconds each.
-NATIVE_MAX_ROWS = 8
+NATIVE_MAX_ROWS = 64
 native_enabled = True  # benchmarks flip this to measure the difference in one process
 
 

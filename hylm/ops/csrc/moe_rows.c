@@ -1,4 +1,4 @@
-/* A LatentMoE layer for 1-8 tokens in one call: router, top-k, the latent projection, the chosen experts, the
+/* A LatentMoE layer for 1-64 tokens in one call: router, top-k, the latent projection, the chosen experts, the
  * projection back and the shared expert. Decode steps, speculative verification and MTP drafts run these
  * layers on a handful of rows, where the PyTorch composition costs ~30 dispatches of a few microseconds each
  * for a few microseconds of arithmetic.
