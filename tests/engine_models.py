@@ -59,3 +59,18 @@ def run_staggered(model, prompts, params, join_every=2, **cfg):
         step += 1
     assert eng.pool.num_free_slots == eng.sizes.num_slots and eng.pool.num_free_blocks == eng.sizes.num_blocks
     return [outs[i] for i in range(len(prompts))], eng.metrics
+
+
+def logprob_runs(model, prompts, params, **engine_config) -> list[tuple[list[int], list[float]]]:
+    """(token ids, logprobs) of each prompt's completion through a fresh LLM with this engine config."""
+    from hylm.engine.llm import LLM
+
+    llm = LLM(model, **engine_config)
+    return [(c.outputs[0].token_ids, c.outputs[0].logprobs) for c in llm.generate(prompts, params)]
+
+
+def assert_runs_agree(a, b, tol: float = 1e-4) -> None:
+    """Two logprob_runs of the same prompts: the same tokens, logprobs within tol."""
+    assert len(a) == len(b)
+    for (t1, lp1), (t2, lp2) in zip(a, b):
+        assert t1 == t2 and max(abs(x - y) for x, y in zip(lp1, lp2)) < tol

@@ -11,7 +11,7 @@ from hylm.engine.sampling_params import SamplingParams
 from hylm.engine.scheduler import RequestTooLong
 from hylm.ops import native
 
-from engine_models import random_prompts, tiny_model
+from engine_models import assert_runs_agree, random_prompts, tiny_model
 from engine_models import run_staggered as staggered
 
 
@@ -258,5 +258,4 @@ def test_native_paged_decode_equals_pytorch_paths(model, monkeypatch, kv_cache_d
     torch_lp = _logprob_run(model, prompts, kv_cache_dtype=kv_cache_dtype)
     assert not calls
     assert native_out == torch_out
-    for (t1, lp1), (t2, lp2) in zip(native_lp, torch_lp):
-        assert t1 == t2 and max(abs(a - b) for a, b in zip(lp1, lp2)) < 1e-4
+    assert_runs_agree(native_lp, torch_lp)

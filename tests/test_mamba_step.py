@@ -85,29 +85,25 @@ def test_native_steps_keep_every_state_like_the_reference(tokens):
 
 def test_engine_outputs_equal_with_and_without_the_native_step(monkeypatch):
     """Greedy tokens and logprobs of staggered requests (fresh one-token prompts included) are the same
-    with the fused step as with the reference ops."""
+    with the fused step as with the reference ops. (Whole fused blocks are off here: they are
+    tests/test_native_blocks.py's; this checks the mixer's own step.)"""
     import hylm.model.mamba2 as mamba2
-    from engine_models import random_prompts, tiny_model
+    from engine_models import assert_runs_agree, logprob_runs, random_prompts, tiny_model
 
-    from hylm.engine.llm import LLM
     from hylm.engine.sampling_params import SamplingParams
+    from hylm.model import fused
 
+    monkeypatch.setattr(fused, "enabled", False)
     model = tiny_model()
     prompts = random_prompts(5, 1, 30, seed=41) + [[7]]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
-
-    def run():
-        llm = LLM(model, block_size=4, max_num_seqs=3)
-        return [(c.outputs[0].token_ids, c.outputs[0].logprobs) for c in llm.generate(prompts, params)]
-
     calls = []
     original = mamba2.mamba_decode_step
     monkeypatch.setattr(mamba2, "mamba_decode_step", lambda *a, **k: calls.append(1) or original(*a, **k))
-    fused = run()
+    with_step = logprob_runs(model, prompts, params, block_size=4, max_num_seqs=3)
     assert calls  # the decode steps went through the fused kernel
     monkeypatch.setattr(mamba2, "native_step_enabled", False)
     calls.clear()
-    reference = run()
+    reference = logprob_runs(model, prompts, params, block_size=4, max_num_seqs=3)
     assert not calls
-    for (t1, lp1), (t2, lp2) in zip(fused, reference):
-        assert t1 == t2 and max(abs(x - y) for x, y in zip(lp1, lp2)) < 1e-4
+    assert_runs_agree(with_step, reference)

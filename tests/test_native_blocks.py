@@ -18,7 +18,7 @@ from hylm.ops import decode_blocks
 from hylm.ops import moe as moe_ops
 from hylm.ops import native
 
-from engine_models import TINY, random_prompts, tiny_model
+from engine_models import TINY, assert_runs_agree, logprob_runs, random_prompts, tiny_model
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the native CPU kernels are not built")
 
@@ -90,7 +90,8 @@ def test_native_moe_refuses_what_it_cannot_run():
     w = dict(fc1=c["fc1"], fc2=c["fc2"], shared_up=c["shared_up"], shared_down=c["shared_down"])
     x = c["x"]
     assert moe_ops.native_moe_ok(x, c["router"], c["up"], c["down"], **w)
-    assert not moe_ops.native_moe_ok(torch.randn(moe_ops.NATIVE_MAX_ROWS + 1, 64), c["router"], c["up"], c["down"], **w)  # too many rows
+    too_many = torch.randn(moe_ops.NATIVE_MAX_ROWS + 1, 64)
+    assert not moe_ops.native_moe_ok(too_many, c["router"], c["up"], c["down"], **w)
     assert not moe_ops.native_moe_ok(x, c["router"], c["up"], c["down"], n_group=2, **w)  # grouped routing
     assert not moe_ops.native_moe_ok(x.double(), c["router"], c["up"], c["down"], **w)
     assert not moe_ops.native_moe_ok(x, c["router"], c["up"].transpose(1, 2), c["down"], **w)  # experts strided
@@ -173,12 +174,17 @@ UNGROUPED = dataclasses.replace(TINY, n_group=1, topk_group=1)
 
 
 def count_calls(monkeypatch) -> list[str]:
-    calls: list[str] = []
+    """Names of the native block kernels called from now on ("moe", "attention", "mamba")."""
     from hylm.ops.mamba_step import NativeMambaBlock
+
+    calls: list[str] = []
+
+    def counting(original, name):
+        return lambda self, *a, **k: calls.append(name) or original(self, *a, **k)
+
     for cls, name in ((moe_ops.NativeMoE, "moe"), (decode_blocks.NativeAttention, "attention"),
                       (NativeMambaBlock, "mamba")):
-        original = cls.__call__
-        monkeypatch.setattr(cls, "__call__", lambda self, *a, _o=original, _n=name, **k: calls.append(_n) or _o(self, *a, **k))
+        monkeypatch.setattr(cls, "__call__", counting(cls.__call__, name))
     return calls
 
 
@@ -217,7 +223,6 @@ def test_model_moe_layer_with_and_without_native_kernel(monkeypatch):
 def test_engine_outputs_with_and_without_native_blocks(monkeypatch, spec):
     """Greedy tokens and logprobs of staggered requests (decode steps, multi-token chunks over short contexts,
     speculative verification and MTP drafts when spec > 0) equal the PyTorch paths'."""
-    from hylm.engine.llm import LLM
     from hylm.engine.sampling_params import SamplingParams
 
     model = tiny_model(seed=4, config=dataclasses.replace(UNGROUPED, num_nextn_predict_layers=1 if spec else 0,
@@ -227,8 +232,7 @@ def test_engine_outputs_with_and_without_native_blocks(monkeypatch, spec):
     calls = count_calls(monkeypatch)
 
     def run():
-        llm = LLM(model, block_size=4, max_num_batched_tokens=16, speculative_tokens=spec)
-        return [(c.outputs[0].token_ids, c.outputs[0].logprobs) for c in llm.generate(prompts, params)]
+        return logprob_runs(model, prompts, params, block_size=4, max_num_batched_tokens=16, speculative_tokens=spec)
 
     with_native = run()
     assert {"moe", "attention", "mamba"} <= set(calls)
@@ -236,5 +240,4 @@ def test_engine_outputs_with_and_without_native_blocks(monkeypatch, spec):
     calls.clear()
     without = run()
     assert not calls
-    for (t1, lp1), (t2, lp2) in zip(with_native, without):
-        assert t1 == t2 and max(abs(a - b) for a, b in zip(lp1, lp2)) < 1e-4
+    assert_runs_agree(with_native, without)

@@ -62,12 +62,10 @@ class Attention(nn.Module):
         """x + self(norm(x)) in one native call (k, v stored into the paged cache, every token attending through
         the paged kernel) where the paged path below would run with an fp32 cache, for a few tokens at
         inference; else None."""
-        n = x.shape[0]
         if (type(self).forward is not Attention.forward or state is None or not fused.applicable(x)
-                or n > BLOCK_MAX_ROWS or not hasattr(state, "kv_paged_layout") or not native_decode_enabled or type(norm).forward is not RMSNorm.forward
-                or getattr(state, "kv_dtype", torch.float32) != torch.float32 or min(batch.context_lens) == 0
-                or not (n == batch.num_seqs or (max(batch.seq_lens) <= PAGED_MAX_NEW_TOKENS
-                                                and max(batch.context_lens) <= PAGED_MAX_CONTEXT_MULTI))):
+                or x.shape[0] > BLOCK_MAX_ROWS or not native_decode_enabled or type(norm).forward is not RMSNorm.forward
+                or not hasattr(state, "kv_paged_layout") or getattr(state, "kv_dtype", torch.float32) != torch.float32
+                or not _paged_applies(x.shape[0], batch)):
             return None
         projections = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
         if any(not isinstance(p, nn.Linear) or p.bias is not None for p in projections):
@@ -101,9 +99,7 @@ class Attention(nn.Module):
                                v.view(b, t, *v.shape[1:]), context=0)  # [B, T, Hq, hd]
             return self.o_proj(out.reshape(n, -1))
 
-        if (state is not None and min(batch.context_lens) > 0 and hasattr(state, "kv_paged")
-                and (n == batch.num_seqs or (max(batch.seq_lens) <= PAGED_MAX_NEW_TOKENS
-                                             and max(batch.context_lens) <= PAGED_MAX_CONTEXT_MULTI))
+        if (state is not None and hasattr(state, "kv_paged") and _paged_applies(n, batch)
                 and self._native_decode(q, state)):
             # decode tokens (or a few new tokens per sequence over a short context: speculative verification,
             # the MTP's catch-up), all with earlier context: the native kernel reads the paged cache in place,
@@ -225,6 +221,13 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=self.scale,
                                              enable_gqa=self.num_heads != self.num_kv_heads)
         return out.transpose(1, 2)  # [B, t, Hq, hd]
+
+
+def _paged_applies(n: int, batch: Batch) -> bool:
+    """Whether the n new tokens of batch read the paged cache through the native kernel: all with earlier context,
+    one per sequence (decode) or a few per sequence over short contexts (verification, the MTP's catch-up)."""
+    return min(batch.context_lens) > 0 and (n == batch.num_seqs or (
+        max(batch.seq_lens) <= PAGED_MAX_NEW_TOKENS and max(batch.context_lens) <= PAGED_MAX_CONTEXT_MULTI))
 
 
 def _merge(acc: torch.Tensor | None, lse: torch.Tensor | None, out: torch.Tensor, out_lse: torch.Tensor

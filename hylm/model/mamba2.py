@@ -81,9 +81,7 @@ class Mamba2Mixer(nn.Module):
         slots = torch.tensor(self._reset_fresh(seqs, batch, conv_all, ssm_all), dtype=torch.int64)
         out, convs, ssms = plan(x, conv_all, ssm_all, slots, t, keep)
         if keep:
-            layer_saved = batch.saved_states.setdefault(self.layer_idx, {})
-            for i in seqs:
-                layer_saved[i] = (convs[i], ssms[i])  # [t, C, K-1], [t, H, P, N]
+            self._keep_states(seqs, batch, convs, ssms)
         return out
 
     def forward(self, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:
@@ -123,10 +121,15 @@ class Mamba2Mixer(nn.Module):
             -torch.exp(self.A_log.float()), self.D, (self.dt_min, self.dt_max), ssm_all, torch.tensor(slot_list),
             self.n_groups, tokens=t, keep_states=keep)
         if keep:
-            layer_saved = batch.saved_states.setdefault(self.layer_idx, {})
-            for g, i in enumerate(seqs):
-                layer_saved[i] = (convs[g], ssms[g])  # [t, C, K-1], [t, H, P, N]
+            self._keep_states(seqs, batch, convs, ssms)
         return out
+
+    def _keep_states(self, seqs: list[int], batch: Batch, convs: torch.Tensor, ssms: torch.Tensor) -> None:
+        """The states after every verified token of sequences seqs (convs [b, t, C, K-1], ssms [b, t, H, P, N]),
+        for the engine's rollback to the last accepted one."""
+        layer_saved = batch.saved_states.setdefault(self.layer_idx, {})
+        for g, i in enumerate(seqs):
+            layer_saved[i] = (convs[g], ssms[g])  # [t, C, K-1], [t, H, P, N]
 
     def _scan_group(self, seqs: list[int], xbc: torch.Tensor, dt: torch.Tensor, y: torch.Tensor,
                     batch: Batch, state: State | None) -> None:
@@ -181,9 +184,7 @@ class Mamba2Mixer(nn.Module):
                                   bmat.reshape(b, t, self.n_groups, self.state_size),
                                   cmat.reshape(b, t, self.n_groups, self.state_size), self.D.float())
             final_ssm = ssms[:, -1]  # [b, H, P, N]
-            layer_saved = batch.saved_states.setdefault(self.layer_idx, {})
-            for g, i in enumerate(seqs):
-                layer_saved[i] = (convs[g], ssms[g])
+            self._keep_states(seqs, batch, convs, ssms)
         elif t == 1 and state is not None:
             h = F.silu(causal_conv1d_step(xbc_g[:, 0], conv_w, self.conv1d.bias, conv_state))  # [b, conv_dim]
             xs, bmat, cmat = h.split([self.d_inner, self.n_groups * self.state_size,

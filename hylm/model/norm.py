@@ -17,7 +17,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused.applicable(x) and self.weight.dtype == torch.float32 and native_rmsnorm_ok(x, self.weight):
+        if fused.applicable(x) and native_rmsnorm_ok(x, self.weight):
             return rmsnorm_rows(x, self.weight, self.eps)  # a few tokens: one native call, not seven dispatches
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -8,21 +8,10 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .linear import linear
+from .linear import fp32_cpu, linear, weight_layout
 from .paged_attention import _splits, paged_decode_reference
 
 MAX_ROWS = 64  # new tokens per call (beyond, oneDNN/MKL products amortise their dispatch)
-
-
-def _layout(w: torch.Tensor) -> int | None:
-    """0: a row-major [out, in] weight; 1: column-major (a contiguous [in, out] viewed transposed); None: neither."""
-    if w.is_contiguous():
-        return 0
-    return 1 if w.dim() == 2 and w.t().is_contiguous() else None
-
-
-def _fp32_cpu(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,7 +30,7 @@ def rmsnorm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 
 def native_rmsnorm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.dim() == 2 and x.shape[0] <= MAX_ROWS and _fp32_cpu(x, weight) and weight.is_contiguous()
+    return (x.dim() == 2 and x.shape[0] <= MAX_ROWS and fp32_cpu(x, weight) and weight.is_contiguous()
             and weight.shape[0] == x.shape[1] and native.available())
 
 
@@ -56,8 +45,9 @@ class NativeAttention:
         self.heads, self.kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.group = num_heads // num_kv_heads
         self._kernel = native.library().hylm_attention_rows
-        self._weights = (norm_weight.data_ptr(), float(eps), wq.data_ptr(), _layout(wq), wk.data_ptr(), _layout(wk),
-                         wv.data_ptr(), _layout(wv), wo.data_ptr(), _layout(wo), num_heads, num_kv_heads, head_dim)
+        self._weights = (norm_weight.data_ptr(), float(eps),
+                         *(v for w in (wq, wk, wv, wo) for v in (w.data_ptr(), weight_layout(w))),
+                         num_heads, num_kv_heads, head_dim)
         self.scale = float(scale)
 
     def __call__(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, new_rows: torch.Tensor,
@@ -85,8 +75,8 @@ def prepare_native_attention(norm_weight: torch.Tensor, eps: float, wq: torch.Te
     from .paged_attention import native_supported
 
     weights = (wq, wk, wv, wo)
-    if not (_fp32_cpu(norm_weight, *weights) and norm_weight.is_contiguous()
-            and all(w.dim() == 2 and _layout(w) is not None for w in weights)):
+    if not (fp32_cpu(norm_weight, *weights) and norm_weight.is_contiguous()
+            and all(w.dim() == 2 and weight_layout(w) is not None for w in weights)):
         return None
     if not native_supported(torch.device("cpu"), torch.float32, torch.float32, num_heads // num_kv_heads, head_dim):
         return None

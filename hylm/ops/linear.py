@@ -41,6 +41,19 @@ NATIVE_MAX_WEIGHT = 1 << 20
 enabled = True  # benchmarks flip this to measure the difference in one process
 
 
+def weight_layout(w: torch.Tensor | None) -> int | None:
+    """How hylm's native kernels read a 2D weight [out, in]: 0 row-major (contiguous), 1 column-major (a contiguous
+    [in, out] viewed transposed: hylm's CPU layout, see hylm/model/layout.py), None neither. None in, 0 out."""
+    if w is None or w.is_contiguous():
+        return 0
+    return 1 if w.dim() == 2 and w.t().is_contiguous() else None
+
+
+def fp32_cpu(*tensors: torch.Tensor | None) -> bool:
+    """Every tensor given (None skipped) is fp32 on the CPU: what the native kernels read."""
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors)
+
+
 def _cpu_fp32_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> int:
     """Rows of x when the product may leave F.linear (fp32 on the CPU, a 2D weight, nothing for autograd to
     differentiate, an fp32 bias if any), else 0."""
@@ -60,7 +73,7 @@ def _onednn_ok(rows: int, weight: torch.Tensor) -> bool:
 
 def _native_ok(rows: int, weight: torch.Tensor) -> bool:
     return (1 <= rows <= NATIVE_MAX_ROWS and NATIVE_MIN_WEIGHT <= weight.numel() < NATIVE_MAX_WEIGHT
-            and (weight.is_contiguous() or weight.t().is_contiguous()) and native.available())
+            and weight_layout(weight) is not None and native.available())
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -91,7 +104,7 @@ def _native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)  # [R, out]
     b = bias.contiguous() if bias is not None else None
     lib = native.library()
-    kernel = lib.hylm_linear_rows if weight.is_contiguous() else lib.hylm_linear_rows_t  # [out, in] or [in, out]
+    kernel = lib.hylm_linear_rows_t if weight_layout(weight) else lib.hylm_linear_rows  # [in, out] or [out, in]
     if kernel(rows.data_ptr(), weight.data_ptr(), b.data_ptr() if b is not None else None, out.data_ptr(),
               rows.shape[0], k, n) != 0:
         raise RuntimeError(f"native linear kernel refused rows={rows.shape[0]}, in={k}, out={n}")

@@ -9,6 +9,7 @@ import math
 import torch
 
 from . import native
+from .linear import fp32_cpu, weight_layout
 
 
 def native_supported(xbc: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor) -> bool:
@@ -75,12 +76,9 @@ class NativeMambaBlock:
         self.heads, self.head_dim, self.state_size = num_heads, head_dim, state_size
         lo, hi = dt_limits
 
-        def layout(m: torch.Tensor) -> int:
-            return 0 if m.is_contiguous() else 1
-
         self._kernel = native.library().hylm_mamba_rows
-        self._weights = (norm_weight.data_ptr(), float(eps), in_proj.data_ptr(), layout(in_proj), out_proj.data_ptr(),
-                         layout(out_proj))
+        self._weights = (norm_weight.data_ptr(), float(eps), in_proj.data_ptr(), weight_layout(in_proj),
+                         out_proj.data_ptr(), weight_layout(out_proj))
         self._constants = (w.data_ptr(), cb.data_ptr() if cb is not None else None, self.kernel, dtb.data_ptr(),
                            a.data_ptr(), d.data_ptr() if d is not None else None, float(lo),
                            float(hi if hi < math.inf else 3.0e38))
@@ -115,9 +113,9 @@ def prepare_native_mamba_block(norm_weight: torch.Tensor, eps: float, in_proj: t
     """A NativeMambaBlock for fp32 CPU weights (projections row- or column-major), or None."""
     mats = (in_proj, out_proj)
     vecs = (norm_weight, gnorm_weight)
-    if not native.available() or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in mats + vecs):
+    if not native.available() or not fp32_cpu(*mats, *vecs):
         return None
-    if not all(m.dim() == 2 and (m.is_contiguous() or m.t().is_contiguous()) for m in mats):
+    if not all(m.dim() == 2 and weight_layout(m) is not None for m in mats):
         return None
     if not all(v.is_contiguous() for v in vecs) or conv_weight.device.type != "cpu":
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backend as _backend
-from .linear import linear
+from .linear import fp32_cpu, linear, weight_layout
 
 
 def triton_available() -> bool:
@@ -156,22 +156,22 @@ def dense_expert_mlp(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------------------------- native
-# A whole LatentMoE layer for up to this many tokens (the C kernel's limit) goes through one call of hylm's native kernel
-# (hylm/ops/csrc/moe_rows.c) where it is built: decode steps, small decode batches, speculative verification
-# and MTP drafts, for which the PyTorch composition below is ~30 dispatches of a few microseconds each.
+# A whole LatentMoE layer for up to this many tokens (the C kernel's limit) goes through one call of hylm's
+# native kernel (hylm/ops/csrc/moe_rows.c) where it is built: decode steps, decode batches, speculative
+# verification and MTP drafts, for which the PyTorch composition below is ~30 dispatches of a few microseconds.
 NATIVE_MAX_ROWS = 64
-native_enabled = True  # benchmarks flip this to measure the difference in one process
 
 
-def _fp32_cpu(t: torch.Tensor | None) -> bool:
-    return t is None or (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu")
+def _native_weights_ok(router: torch.Tensor, up: torch.Tensor, down: torch.Tensor, fc1: torch.Tensor | None,
+                       fc2: torch.Tensor | None, shared_up: torch.Tensor | None, shared_down: torch.Tensor | None,
+                       n_group: int) -> bool:
+    from . import native
 
-
-def _column_major(w: torch.Tensor | None) -> int | None:
-    """0: row-major [out, in] contiguous; 1: column-major (a contiguous [in, out] viewed transposed); None: neither."""
-    if w is None or w.is_contiguous():
-        return 0
-    return 1 if w.dim() == 2 and w.t().is_contiguous() else None
+    if n_group != 1 or not fp32_cpu(router, up, down, fc1, fc2, shared_up, shared_down):
+        return False
+    if not (router.is_contiguous() and up.is_contiguous() and down.is_contiguous()):
+        return False
+    return all(weight_layout(w) is not None for w in (fc1, fc2, shared_up, shared_down)) and native.available()
 
 
 def native_moe_ok(x: torch.Tensor, router: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -180,20 +180,12 @@ def native_moe_ok(x: torch.Tensor, router: torch.Tensor, up: torch.Tensor, down:
                   n_group: int = 1) -> bool:
     """Whether `native_moe_rows` takes these tensors: fp32 on the CPU, a few rows, no autograd, ungrouped routing,
     weights row- or column-major (experts row-major)."""
-    from . import native
-
-    if not native_enabled or x.dim() != 2 or not 1 <= x.shape[0] <= NATIVE_MAX_ROWS or n_group != 1:
+    if x.dim() != 2 or not 1 <= x.shape[0] <= NATIVE_MAX_ROWS or not fp32_cpu(x):
         return False
     tensors = (x, router, up, down, fc1, fc2, shared_up, shared_down)
-    if not all(_fp32_cpu(t) for t in tensors):
-        return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False
-    if not (router.is_contiguous() and up.is_contiguous() and down.is_contiguous()):
-        return False
-    if any(_column_major(w) is None for w in (fc1, fc2, shared_up, shared_down)):
-        return False
-    return native.available()
+    return _native_weights_ok(router, up, down, fc1, fc2, shared_up, shared_down, n_group)
 
 
 class NativeMoE:
@@ -218,9 +210,9 @@ class NativeMoE:
         self.hidden = router.shape[1]
         self._kernel = native.library().hylm_moe_rows
         self._middle = (router.data_ptr(), ptr(bias), num_experts, top_k, int(normalize), float(scaling), ptr(fc1),
-                        _column_major(fc1), latent, up.data_ptr(), down.data_ptr(), inter, ptr(fc2),
-                        _column_major(fc2), ptr(shared_up), _column_major(shared_up), ptr(shared_down),
-                        _column_major(shared_down), shared_up.shape[0] if shared_up is not None else 0, ptr(norm),
+                        weight_layout(fc1), latent, up.data_ptr(), down.data_ptr(), inter, ptr(fc2),
+                        weight_layout(fc2), ptr(shared_up), weight_layout(shared_up), ptr(shared_down),
+                        weight_layout(shared_down), shared_up.shape[0] if shared_up is not None else 0, ptr(norm),
                         float(eps))
         self._shape = f"hidden={self.hidden}, experts={num_experts}, top_k={top_k}, latent={latent}"
 
@@ -240,10 +232,7 @@ def prepare_native_moe(router: torch.Tensor, correction_bias: torch.Tensor | Non
                        shared_down: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
                        eps: float = 0.0, n_group: int = 1) -> NativeMoE | None:
     """A NativeMoE for these weights, or None where the kernel can't run them (see `native_moe_ok`)."""
-    probe = torch.empty(1, router.shape[1])
-    if not native_moe_ok(probe, router, up, down, fc1, fc2, shared_up, shared_down, n_group):
-        return None
-    if norm_weight is not None and not _fp32_cpu(norm_weight):
+    if not _native_weights_ok(router, up, down, fc1, fc2, shared_up, shared_down, n_group) or not fp32_cpu(norm_weight):
         return None
     return NativeMoE(router, correction_bias, top_k, normalize, scaling, up, down, fc1, fc2, shared_up, shared_down,
                      norm_weight, eps)

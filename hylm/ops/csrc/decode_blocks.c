@@ -35,6 +35,8 @@ int hylm_attention_rows(const float *x, int64_t N, int64_t D, const float *norm_
                         const int64_t *new_rows, const int64_t *tables, int64_t width, const int64_t *lengths,
                         int64_t block_size, float scale, int splits, float *work, float *out) {
     if (N < 1 || D < 1 || Hkv < 1 || Hq % Hkv != 0 || hd < 1) return -1;
+    for (int64_t n = 0; n < N; n++)  /* checked before anything is written */
+        if (new_rows[n] < 0 || new_rows[n] >= cache_rows) return -2;
     const int64_t QD = Hq * hd, KD = Hkv * hd;
     float *buf = malloc((size_t)(N * (D + QD + 2 * KD + QD)) * sizeof(float));
     if (!buf) return -5;
@@ -47,10 +49,6 @@ int hylm_attention_rows(const float *x, int64_t N, int64_t D, const float *norm_
         rows_product(h, wv, wv_t, v, N, D, KD);
     }
     for (int64_t n = 0; n < N; n++) {
-        if (new_rows[n] < 0 || new_rows[n] >= cache_rows) {
-            free(buf);
-            return -2;
-        }
         for (int64_t g = 0; g < Hkv; g++) {
             memcpy(k_cache + (g * cache_rows + new_rows[n]) * hd, k + n * KD + g * hd, (size_t)hd * sizeof(float));
             memcpy(v_cache + (g * cache_rows + new_rows[n]) * hd, v + n * KD + g * hd, (size_t)hd * sizeof(float));
@@ -66,7 +64,6 @@ int hylm_attention_rows(const float *x, int64_t N, int64_t D, const float *norm_
     free(buf);
     return rc;
 }
-
 
 int hylm_mamba_steps(const float *xbc, int64_t xbc_stride, const float *dt, int64_t dt_stride, float *conv,
                      const float *conv_w, const float *conv_b, int64_t K, const float *dt_bias, const float *A,
@@ -101,7 +98,8 @@ int hylm_mamba_rows(const float *x, int64_t R, int64_t Dm, const float *norm_w, 
             const float *z = proj + r * width, *yr = y + r * d_inner;
             float *g = gated + r * d_inner;
             for (int64_t i = 0; i < d_inner; i++) g[i] = yr[i] * (z[i] / (1.0f + expf(-z[i])));
-            for (int64_t q = 0; q < norm_groups; q++) rmsnorm_row(g + q * gs, gnorm_w + q * gs, gnorm_eps, gs, g + q * gs);
+            for (int64_t q = 0; q < norm_groups; q++)
+                rmsnorm_row(g + q * gs, gnorm_w + q * gs, gnorm_eps, gs, g + q * gs);
         }
 #pragma omp parallel
         rows_product(gated, w_out, w_out_t, out, R, d_inner, Dm);

@@ -57,8 +57,8 @@ int hylm_moe_rows(const float *x, int64_t R, int64_t D, const float *router, con
     if (!fc2 && L != D) return -3;
     if ((shared_up == NULL) != (shared_down == NULL) || (shared_up && S < 1)) return -4;
     const int64_t A = R * top_k;  /* token-expert assignments */
-    const int64_t sizes[] = {norm_w ? R * D : 0, R * E, fc1 ? R * L : 0, shared_up ? R * S : 0, A * L, A * I, A * L, R * L,
-                             fc2 ? R * D : 0, shared_up ? R * D : 0};
+    const int64_t sizes[] = {norm_w ? R * D : 0, R * E, fc1 ? R * L : 0, shared_up ? R * S : 0, A * L, A * I,
+                             A * L, R * L, fc2 ? R * D : 0, shared_up ? R * D : 0};
     int64_t total = 0;
     for (int i = 0; i < 10; i++) total += sizes[i];
     float *work = malloc((size_t)total * sizeof(float));
@@ -68,9 +68,9 @@ int hylm_moe_rows(const float *x, int64_t R, int64_t D, const float *router, con
         free(work), free(index), free(gate);
         return -5;
     }
-    float *normed = work, *logits = normed + sizes[0], *h = logits + sizes[1], *sa = h + sizes[2], *xe = sa + sizes[3],
-          *act = xe + sizes[4], *ye = act + sizes[5], *ylat = ye + sizes[6], *routed = ylat + sizes[7],
-          *shared = routed + sizes[8];
+    float *normed = work, *logits = normed + sizes[0], *h = logits + sizes[1], *sa = h + sizes[2],
+          *xe = sa + sizes[3], *act = xe + sizes[4], *ye = act + sizes[5], *ylat = ye + sizes[6],
+          *routed = ylat + sizes[7], *shared = routed + sizes[8];
     const float *residual_x = x;
     if (norm_w) {  /* the block's pre-norm: the layer reads rmsnorm(x) * norm_w */
         for (int64_t r = 0; r < R; r++) rmsnorm_row(x + r * D, norm_w, eps, D, normed + r * D);
@@ -104,8 +104,10 @@ int hylm_moe_rows(const float *x, int64_t R, int64_t D, const float *router, con
                     gate[r * top_k + j] = lg[best];
                     sum += lg[best];
                 }
-                for (int64_t j = 0; j < top_k; j++)
-                    gate[r * top_k + j] = (normalize ? gate[r * top_k + j] / (sum + 1e-20f) : gate[r * top_k + j]) * scaling;
+                for (int64_t j = 0; j < top_k; j++) {
+                    float *w = gate + r * top_k + j;
+                    *w = (normalize ? *w / (sum + 1e-20f) : *w) * scaling;
+                }
             }
             /* assignments grouped by expert: slot[a] = where assignment a's row sits in xe */
             int64_t at = 0;
