@@ -6,6 +6,7 @@ import torch
 from hylm.ops import linear as linear_op
 from hylm.ops.linear import linear, uses_onednn
 
+native_available = __import__("hylm.ops.native", fromlist=["x"]).available()
 needs_onednn = pytest.mark.skipif(linear_op._ONEDNN_LINEAR is None, reason="torch built without oneDNN")
 
 
@@ -25,7 +26,8 @@ def test_onednn_path_matches_float64(rows, column_major, with_bias):
         w = w.t().contiguous().t()  # the loader's CPU layout
     b = torch.randn(w.shape[0], generator=g) if with_bias else None
     x = torch.randn(2, rows, w.shape[1], generator=g)  # [2, rows, in]
-    assert uses_onednn(x, w)
+    # up to 8 rows over a column-major weight stream through the native kernels instead (rows.h)
+    assert uses_onednn(x, w) == (not (column_major and 2 * rows <= linear_op.NATIVE_MAX_ROWS and native_available))
     y = linear(x, w, b)
     ref = _reference(x, w, b)
     assert y.shape == (2, rows, w.shape[0]) and y.dtype == torch.float32
@@ -62,19 +64,20 @@ needs_native = pytest.mark.skipif(not __import__("hylm.ops.native", fromlist=["x
 
 @needs_native
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
-@pytest.mark.parametrize("shape", [(1664, 192), (100, 384), (384, 200), (203, 512), (300, 130)])
+@pytest.mark.parametrize("shape", [(1664, 192), (100, 384), (384, 200), (203, 512), (300, 130), (5003, 67)])
 @pytest.mark.parametrize("column_major", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_native_rows_match_float64(rows, shape, column_major, with_bias):
     """The native few-row kernels (row-major and column-major weights, output counts and input sizes that are
-    and aren't multiples of the vector tiles) against a float64 product."""
+    and aren't multiples of the vector tiles; column-major ones from 256 outputs on take the streaming order,
+    (5003, 67) with several runs per thread) against a float64 product."""
     g = torch.Generator().manual_seed(rows + shape[0])
     w = torch.randn(*shape, generator=g)
     if column_major:
         w = w.t().contiguous().t()
     b = torch.randn(shape[0], generator=g) if with_bias else None
     x = torch.randn(rows, shape[1], generator=g)
-    assert linear_op.uses_native_rows(x, w, b)
+    assert linear_op.uses_native_rows(x, w, b) or (not column_major and w.numel() >= linear_op.NATIVE_MAX_WEIGHT)
     y = linear(x, w, b)
     ref = _reference(x, w, b)
     assert y.shape == (rows, shape[0]) and y.dtype == torch.float32
@@ -88,3 +91,21 @@ def test_native_rows_route():
     assert not linear_op.uses_native_rows(torch.randn(2, 192, dtype=torch.float64), w.double(), None)
     wg = w.clone().requires_grad_()
     assert not linear_op.uses_native_rows(torch.randn(2, 192), wg, None)  # autograd: F.linear
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_streaming_any_thread_count(threads):
+    """The streaming order splits outputs into one range per thread: uneven splits, more threads than cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        w = torch.randn(4099, 72, generator=g).t().contiguous().t()  # column-major
+        for rows in (1, 3, 8):
+            x = torch.randn(rows, 72, generator=g)
+            assert linear_op.uses_native_rows(x, w, None)
+            ref = _reference(x, w, None)
+            assert (linear(x, w).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    finally:
+        torch.set_num_threads(before)

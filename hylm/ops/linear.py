@@ -37,6 +37,9 @@ except (AttributeError, RuntimeError):  # a build without oneDNN
 NATIVE_MAX_ROWS = 8
 NATIVE_MIN_WEIGHT = 1 << 15
 NATIVE_MAX_WEIGHT = 1 << 20
+# Column-major weights of any larger size take them too: for up to 8 rows those kernels read such a weight in
+# streaming order (rows.h), which holds DRAM bandwidth where oneDNN does not (an lm_head, [1, 512] x [512, 32000]:
+# 1.9 vs 2.6 ms here; in an engine decode step of benchmarks/bench_cpu.py's model 5.7 vs 6.3 ms per token).
 
 enabled = True  # benchmarks flip this to measure the difference in one process
 
@@ -72,12 +75,17 @@ def _onednn_ok(rows: int, weight: torch.Tensor) -> bool:
 
 
 def _native_ok(rows: int, weight: torch.Tensor) -> bool:
-    return (1 <= rows <= NATIVE_MAX_ROWS and NATIVE_MIN_WEIGHT <= weight.numel() < NATIVE_MAX_WEIGHT
-            and weight_layout(weight) is not None and native.available())
+    if not 1 <= rows <= NATIVE_MAX_ROWS:
+        return False
+    layout, size = weight_layout(weight), weight.numel()
+    cached = NATIVE_MIN_WEIGHT <= size < NATIVE_MAX_WEIGHT and layout is not None
+    streamed = size >= NATIVE_MAX_WEIGHT and layout == 1
+    return (cached or streamed) and native.available()
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    return _onednn_ok(_cpu_fp32_rows(x, weight, bias), weight)
+    rows = _cpu_fp32_rows(x, weight, bias)
+    return _onednn_ok(rows, weight) and not _native_ok(rows, weight)
 
 
 def uses_native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:

@@ -7,6 +7,14 @@
  * (hylm's CPU layout for Linear weights, see hylm/model/layout.py: Wt [K, N] contiguous) each tile of 32
  * outputs is a sum of rows of Wt scaled by x's entries, so the vectors run along the outputs.
  *
+ * For up to 8 rows over a column-major weight the tiles lose to a streaming order whenever the weight comes from
+ * DRAM (every weight of a model larger than L3, and every step's after an lm_head has streamed through it): a
+ * 32-output tile reads 128 bytes from each of K rows far apart, more concurrent streams than the prefetchers
+ * follow. rows_stream instead gives each thread one contiguous range of outputs and reads 8 rows of Wt at a
+ * time along it, in runs of up to ROWS_STREAM_BLOCK outputs whose y rows stay in L1/L2, prefetching the next 8
+ * rows. Measured on 2 cores with cold caches, 1 row: [512 -> 2320] 0.19 vs 0.31 ms, [512 -> 512] 0.08 vs 0.15
+ * ms; 4-8 rows gain alike; with the weight in cache both orders take the same time.
+ *
  * `rows_product` shares its tiles out with an orphaned `omp for`: inside a parallel region the team splits
  * them (and waits at the end), outside one the caller computes them all.
  */
@@ -15,6 +23,8 @@
 
 #include <stdint.h>
 #include <string.h>
+
+#include <omp.h>
 
 #include "vec.h"
 
@@ -131,10 +141,62 @@ static inline void rows_tail(const float *x, const float *W, int transposed, flo
     rows_tile_t_all(x, W, last, y, R, K, N, n_lo, N - n_lo);
 }
 
+#define ROWS_STREAM_MAX_ROWS 8
+#define ROWS_STREAM_MIN_OUTPUTS 256
+#define ROWS_STREAM_BLOCK 2048 /* outputs per run: 8 KB of each row of Wt, y's rows at most 64 KB */
+
+/* outputs c0..c1-1 of every row over Wt [K, N], 8 rows of Wt at a time */
+static inline void rows_stream_block(const float *x, const float *Wt, float *y, int64_t R, int64_t K, int64_t N,
+                                     int64_t c0, int64_t c1) {
+    for (int64_t r = 0; r < R; r++) memset(y + r * N + c0, 0, (size_t)(c1 - c0) * sizeof(float));
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const float *w = Wt + k * N;
+        const int prefetch = k + 16 <= K;
+        int64_t n = c0;
+        for (; n + 8 <= c1; n += 8) {
+            if (prefetch && (n & 15) == 0)  /* one per 64-byte line of the next 8 rows */
+                for (int g = 8; g < 16; g++) __builtin_prefetch(w + g * N + n, 0, 3);
+            v8 a[8];
+            for (int g = 0; g < 8; g++) a[g] = load8(w + g * N + n);
+            for (int64_t r = 0; r < R; r++) {
+                const float *xr = x + r * K + k;
+                v8 acc = load8(y + r * N + n);
+                for (int g = 0; g < 8; g++) acc += xr[g] * a[g];
+                *(v8u *)(y + r * N + n) = acc;
+            }
+        }
+        for (; n < c1; n++)
+            for (int64_t r = 0; r < R; r++) {
+                float s = 0.0f;
+                for (int g = 0; g < 8; g++) s += x[r * K + k + g] * w[g * N + n];
+                y[r * N + n] += s;
+            }
+    }
+    for (; k < K; k++)
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t n = c0; n < c1; n++) y[r * N + n] += x[r * K + k] * Wt[k * N + n];
+}
+
+/* the team's share of outputs, one contiguous range per thread (a multiple of 16 outputs: whole lines) */
+static inline void rows_stream(const float *x, const float *Wt, float *y, int64_t R, int64_t K, int64_t N) {
+    const int64_t T = omp_get_num_threads(), per = ((N + T - 1) / T + 15) / 16 * 16;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t n0 = t * per < N ? t * per : N, n1 = n0 + per < N ? n0 + per : N;
+        for (int64_t c0 = n0; c0 < n1; c0 += ROWS_STREAM_BLOCK)
+            rows_stream_block(x, Wt, y, R, K, N, c0, c0 + ROWS_STREAM_BLOCK < n1 ? c0 + ROWS_STREAM_BLOCK : n1);
+    }
+}
+
 /* y [R, N] = x [R, K] W^T; W row-major [N, K], or (transposed) its column-major copy Wt [K, N].
  * Orphaned worksharing: see the top of this file. */
 static inline void rows_product(const float *x, const float *W, int transposed, float *y, int64_t R, int64_t K,
                                 int64_t N) {
+    if (transposed && R <= ROWS_STREAM_MAX_ROWS && N >= ROWS_STREAM_MIN_OUTPUTS) {
+        rows_stream(x, W, y, R, K, N);
+        return;
+    }
     const int64_t width = transposed ? 32 : 4, tiles = N / width, items = tiles + (N % width != 0);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < items; t++) {
