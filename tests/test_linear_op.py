@@ -69,8 +69,8 @@ needs_native = pytest.mark.skipif(not __import__("hylm.ops.native", fromlist=["x
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_native_rows_match_float64(rows, shape, column_major, with_bias):
     """The native few-row kernels (row-major and column-major weights, output counts and input sizes that are
-    and aren't multiples of the vector tiles; column-major ones from 256 outputs on take the streaming order,
-    (5003, 67) with several runs per thread) against a float64 product."""
+    and aren't multiples of the vector tiles; column-major ones from 256 outputs on take the streaming order for
+    one row, (5003, 67) with several runs per thread) against a float64 product."""
     g = torch.Generator().manual_seed(rows + shape[0])
     w = torch.randn(*shape, generator=g)
     if column_major:
@@ -101,9 +101,9 @@ def test_native_streaming_any_thread_count(threads):
     torch.set_num_threads(threads)
     try:
         g = torch.Generator().manual_seed(threads)
-        w = torch.randn(4099, 72, generator=g).t().contiguous().t()  # column-major
+        w = torch.randn(16411, 67, generator=g).t().contiguous().t()  # column-major, 1.1M: streamed up to 8 rows
         for rows in (1, 3, 8):
-            x = torch.randn(rows, 72, generator=g)
+            x = torch.randn(rows, 67, generator=g)
             assert linear_op.uses_native_rows(x, w, None)
             ref = _reference(x, w, None)
             assert (linear(x, w).double() - ref).abs().max() <= 1e-5 * ref.abs().max()

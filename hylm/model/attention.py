@@ -57,6 +57,14 @@ class Attention(nn.Module):
         self.v_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
 
+    def _block_sources(self, norm: nn.Module) -> tuple | None:
+        """The weights the native block reads (norm, q, k, v, o), or None where a projection is not a plain
+        bias-free Linear."""
+        projections = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+        if any(not isinstance(p, nn.Linear) or p.bias is not None for p in projections):
+            return None
+        return (norm.weight, *(p.weight for p in projections))
+
     def fused_block(self, norm: nn.Module, x: torch.Tensor, batch: Batch, state: State | None
                     ) -> torch.Tensor | None:
         """x + self(norm(x)) in one native call (k, v stored into the paged cache, every token attending through
@@ -67,15 +75,12 @@ class Attention(nn.Module):
                 or not hasattr(state, "kv_paged_layout") or getattr(state, "kv_dtype", torch.float32) != torch.float32
                 or not _paged_applies(x.shape[0], batch)):
             return None
-        projections = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
-        if any(not isinstance(p, nn.Linear) or p.bias is not None for p in projections):
-            return None
         if not hasattr(self, "_plan_cache"):
             self._plan_cache = fused.PlanCache()
+        sources = self._plan_cache.sources(lambda: self._block_sources(norm))
         plan = self._plan_cache.get(
-            (norm.weight, *(p.weight for p in projections)),
-            lambda: prepare_native_attention(norm.weight, norm.eps, *(p.weight for p in projections), self.num_heads,
-                                             self.num_kv_heads, self.head_dim, self.scale))
+            sources, lambda: prepare_native_attention(*sources[:1], norm.eps, *sources[1:], self.num_heads,
+                                                      self.num_kv_heads, self.head_dim, self.scale))
         if plan is None:
             return None
         k_cache, v_cache, tables, lengths, new_rows, block_size, longest = state.kv_paged_layout(self.layer_idx, batch)

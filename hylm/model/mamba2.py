@@ -46,6 +46,22 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, self.n_groups, eps=c.layer_norm_epsilon)
         self.out_proj = Linear(self.d_inner, c.hidden_size, bias=c.use_bias)
 
+    def _block_sources(self, norm: nn.Module) -> tuple | None:
+        """The tensors the native block reads, or None where the gated norm or a projection is not the plain
+        module the kernel computes."""
+        if (type(self.norm) is not GatedRMSNorm
+                or any(not isinstance(p, nn.Linear) or p.bias is not None for p in (self.in_proj, self.out_proj))):
+            return None
+        conv = self.conv1d
+        return (norm.weight, self.in_proj.weight, self.out_proj.weight, conv.weight, conv.bias, self.dt_bias,
+                self.A_log, self.D, self.norm.weight)
+
+    def _prepare_block(self, norm: nn.Module, norm_weight, in_proj, out_proj, conv_weight, conv_bias, dt_bias, A_log,
+                       D, gnorm_weight):
+        return prepare_native_mamba_block(norm_weight, norm.eps, in_proj, out_proj, conv_weight, conv_bias, dt_bias,
+                                          A_log, D, (self.dt_min, self.dt_max), gnorm_weight, self.norm.eps,
+                                          self.num_heads, self.head_dim, self.n_groups, self.state_size)
+
     def fused_block(self, norm: nn.Module, x: torch.Tensor, batch: Batch, state: State | None
                     ) -> torch.Tensor | None:
         """x + self(norm(x)) in one native call where the fused step would run for every sequence (one decode
@@ -59,22 +75,15 @@ class Mamba2Mixer(nn.Module):
         if (any(n != t for n in batch.seq_lens) or (batch.keep_states and any(k != keep for k in batch.keep_states))
                 or not (t == 1 or (keep and t <= NATIVE_MAX_KEEP_TOKENS))):
             return None
-        if (type(norm).forward is not RMSNorm.forward or type(self.norm) is not GatedRMSNorm
-                or any(not isinstance(p, nn.Linear) or p.bias is not None for p in (self.in_proj, self.out_proj))):
+        if type(norm).forward is not RMSNorm.forward:
             return None
         conv_all, ssm_all = state.mamba(self.layer_idx)
         if not native_step_supported(x, conv_all, ssm_all):
             return None
         if not hasattr(self, "_plan_cache"):
             self._plan_cache = fused.PlanCache()
-        conv = self.conv1d
-        plan = self._plan_cache.get(
-            (norm.weight, self.in_proj.weight, self.out_proj.weight, conv.weight, conv.bias, self.dt_bias, self.A_log,
-             self.D, self.norm.weight),
-            lambda: prepare_native_mamba_block(
-                norm.weight, norm.eps, self.in_proj.weight, self.out_proj.weight, conv.weight, conv.bias, self.dt_bias,
-                self.A_log, self.D, (self.dt_min, self.dt_max), self.norm.weight, self.norm.eps, self.num_heads,
-                self.head_dim, self.n_groups, self.state_size))
+        sources = self._plan_cache.sources(lambda: self._block_sources(norm))
+        plan = self._plan_cache.get(sources, lambda: self._prepare_block(norm, *sources))
         if plan is None:
             return None
         seqs = list(range(batch.num_seqs))

@@ -76,7 +76,8 @@ class MoE(nn.Module):
         if not hasattr(self, "_plans"):
             self._plans = {False: fused.PlanCache(), True: fused.PlanCache()}
         norm_weight = norm.weight if norm is not None else None
-        sources = self._sources(norm_weight)
+        cache = self._plans[norm is not None]
+        sources = cache.sources(lambda: self._sources(norm_weight))
         g = self.gate
 
         def build():
@@ -84,7 +85,7 @@ class MoE(nn.Module):
             return prepare_native_moe(router, bias, g.top_k, g.normalize, g.scaling, up, down, fc1, fc2, shared_up,
                                       shared_down, norm_weight, eps, g.n_group)
 
-        return self._plans[norm is not None].get(sources, build)
+        return cache.get(sources, build)
 
     def fused_block(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """x + self(norm(x)) in one native call for a few fp32 tokens at inference, else None."""

@@ -128,9 +128,9 @@ def fill_(model: NemotronHModel, tensors: dict[str, torch.Tensor]) -> None:
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         if attr in module._parameters:
-            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+            setattr(module, attr, nn.Parameter(value, requires_grad=False))
         else:
-            module._buffers[attr] = value
+            setattr(module, attr, value)
 
 
 def finish_(model: NemotronHModel) -> NemotronHModel:

@@ -151,6 +151,6 @@ def _set(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     if attr in module._parameters:
-        module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
     else:
-        module._buffers[attr] = value
+        setattr(module, attr, value)
