@@ -217,6 +217,33 @@ def test_model_moe_layer_with_and_without_native_kernel(monkeypatch):
         got = layer(x)
         monkeypatch.setattr(fused, "enabled", False)
         torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(fused, "enabled", True)
+    # a new Parameter, a swapped module, and a module the kernel can't compute (a bias): each is seen at the next
+    # call (the list of tensors a plan reads is collected again after any assignment)
+    from torch import nn
+
+    def swap_down(layer):
+        layer.experts.down_proj = nn.Parameter(torch.randn_like(layer.experts.down_proj) * 0.1)
+
+    def swap_latent(layer):
+        old = layer.fc2_latent_proj
+        layer.fc2_latent_proj = nn.Linear(old.in_features, old.out_features, bias=False)
+
+    def biased_latent(layer):
+        old = layer.fc1_latent_proj
+        layer.fc1_latent_proj = nn.Linear(old.in_features, old.out_features, bias=True)
+
+    for change, native in ((swap_down, True), (swap_latent, True), (biased_latent, False)):
+        with torch.inference_mode():
+            x = torch.randn(3, UNGROUPED.hidden_size)
+            before = layer(x)
+            change(layer)
+            calls.clear()
+            got = layer(x)
+            assert len(calls) == native and not torch.allclose(got, before)
+            monkeypatch.setattr(fused, "enabled", False)
+            torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+            monkeypatch.setattr(fused, "enabled", True)
 
 
 @pytest.mark.parametrize("spec", [0, 3])

@@ -68,7 +68,9 @@ class PlanCache:
         if sources is None:
             return None
         # _version: an in-place update (a training step) invalidates constants a plan derived, e.g. -exp(A_log)
-        key = tuple(None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t._version) for t in sources)
+        # (inference tensors, e.g. weights created under torch.inference_mode, keep no version counter)
+        key = tuple(None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(),
+                                            -1 if t.is_inference() else t._version) for t in sources)
         if key != self.key:
             self.plan, self.key = build(), key
         return self.plan
