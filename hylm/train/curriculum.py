@@ -86,17 +86,6 @@ CITIES = ("Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Lisbon", "Osl
 CURRENCIES = ("USD", "EUR", "GBP", "JPY", "CHF", "CAD", "AUD", "SEK")
 SYMBOLS = ("ACME", "BOLT", "CORE", "DYNA", "EPIC", "FLUX", "GRID", "HALO", "IRIS", "JADE")
 CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "snowy", "foggy")
-# Needle word values: lowercase words the curriculum uses elsewhere (tool calls, list instructions, arithmetic
-# traces, weather conditions) but never in the needle filler, the keys or the needle and question sentences,
-# each one token of the curriculum tokenizer (tests/test_curriculum.py checks both). Compounds of the key words
-# ("goldenfalcon", up to v2) were copied half-right ("proudmoon" for "gentlemoon"); words the tokenizer splits
-# into 3-4 rare pieces were copied garbled (session 7). RULER draws single words from a list, as here.
-NEEDLE_WORDS = ("weather", "currency", "celsius", "fahrenheit", "population", "ticker", "symbol", "price", "stock",
-                "amount", "money", "latest", "local", "current", "degrees", "integer", "column", "digit", "carry",
-                "string", "function", "argument", "required", "nothing", "exactly", "alphabetical", "largest",
-                "smallest", "products", "partial", "compute", "negative", "leading", "zeros", "people", "convert",
-                "share", "cost", "backwards", "items", "another", "unit", "reverse", "write", "sunny", "cloudy",
-                "rainy", "windy", "snowy", "foggy")
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are a careful assistant. Answer precisely.",
                   "You are a concise assistant.")
 
@@ -147,7 +136,7 @@ def _needle_key(rng: random.Random) -> str:
 def _needle_value(rng: random.Random, kind: str) -> str:
     if kind == "number":
         return str(rng.randrange(1_000_000, 10_000_000))  # 7 digits, as RULER
-    return rng.choice(NEEDLE_WORDS)
+    return f"{rng.choice(ADJECTIVES)}{rng.choice(NOUNS)}"  # a made-up compound word: "goldenfalcon"
 
 
 def _haystack_size(rng: random.Random, opts: Mapping[str, Any]) -> int:
