@@ -229,7 +229,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="hylm and transformers measurements alternate this many times per row and the row shows "
                          "the medians (this machine's speed drifts by up to 25%% between runs)")
-    ap.add_argument("--new-tokens", type=int, default=128, help="decoded tokens timed per decode measurement")
+    ap.add_argument("--new-tokens", type=int, default=None,
+                    help="decoded tokens timed per decode measurement (default 128, 16 with --quick)")
     ap.add_argument("--compare-kernels", action="store_true",
                     help="also run hylm with its dense products on F.linear (MKL) instead of oneDNN: a column "
                          "showing what hylm.ops.linear gains")
@@ -241,7 +242,7 @@ def main() -> None:
     batches = [1, 8] if args.quick else [1, 8, 32]
     # decode rows time this many tokens per run: 32 (until session 7) took ~0.2 s for hylm, short enough for one
     # of this machine's slow spells to decide a row
-    new_tokens = 16 if args.quick else args.new_tokens
+    new_tokens = args.new_tokens or (16 if args.quick else 128)
 
     bw, flops = measure_bandwidth(), measure_flops()
     model = hylm.load_model(BENCH, seed=0)

@@ -33,11 +33,11 @@ except (AttributeError, RuntimeError):  # a build without oneDNN
 # 2-3x longer for two rows than for one on such products, and its one-row product is slower too (measured
 # with the loader's column-major weights, [r, 192] x [192, 1664]: MKL 35 / 71 / 79 us for 1 / 2 / 6 rows,
 # native 17 / 27 / 49 us). Decode steps, small decode batches and speculative verification are made of these.
-# Tiny weights stay on MKL (its fixed cost is lower), large ones on oneDNN (bandwidth-bound either way).
+# Tiny weights stay on MKL (its fixed cost is lower), large row-major ones on oneDNN.
 NATIVE_MAX_ROWS = 8
 NATIVE_MIN_WEIGHT = 1 << 15
 NATIVE_MAX_WEIGHT = 1 << 20
-# Column-major weights of any larger size take them too: for up to 8 rows those kernels read such a weight in
+# Column-major weights of any larger size take the native kernels too: for up to 8 rows those kernels read such a weight in
 # streaming order (rows.h), which holds DRAM bandwidth where oneDNN does not (an lm_head, [1, 512] x [512, 32000]:
 # 1.9 vs 2.6 ms here; in an engine decode step of benchmarks/bench_cpu.py's model 5.7 vs 6.3 ms per token).
 
