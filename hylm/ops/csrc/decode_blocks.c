@@ -65,11 +65,12 @@ int hylm_attention_rows(const float *x, int64_t N, int64_t D, const float *norm_
     return rc;
 }
 
-int hylm_mamba_steps(const float *xbc, int64_t xbc_stride, const float *dt, int64_t dt_stride, float *conv,
-                     const float *conv_w, const float *conv_b, int64_t K, const float *dt_bias, const float *A,
-                     const float *D, float dt_min, float dt_max, float *ssm, const int64_t *slot, int64_t b,
-                     int64_t t, int64_t C, int64_t H, int64_t P, int64_t G, int64_t N, float *work, float *y,
-                     float *conv_after, float *ssm_after);
+void hylm_mamba_steps_team(const float *xbc, int64_t xbc_stride, const float *dt, int64_t dt_stride, float *conv,
+                           const float *conv_w, const float *conv_b, int64_t K, const float *dt_bias, const float *A,
+                           const float *D, float dt_min, float dt_max, float *ssm, const int64_t *slot, int64_t b,
+                           int64_t t, int64_t C, int64_t H, int64_t P, int64_t G, int64_t N, float *work, float *y,
+                           float *conv_after, float *ssm_after);
+int hylm_mamba_steps_check(int64_t b, int64_t t, int64_t K, int64_t C, int64_t H, int64_t P, int64_t G, int64_t N);
 
 /* The Mamba-2 block for t new tokens of each of b sequences (packed by sequence, R = b * t rows of x [R, Dm]):
  * out = x + out_proj(gated_norm(ssm(conv(in_proj(rmsnorm(x)))), z)), the conv and SSM states of the pool's
@@ -84,27 +85,30 @@ int hylm_mamba_rows(const float *x, int64_t R, int64_t Dm, const float *norm_w, 
                     int64_t norm_groups, float *conv_after, float *ssm_after, float *out) {
     const int64_t d_inner = H * P, width = d_inner + C + H;
     if (R != b * t || R < 1 || Dm < 1 || norm_groups < 1 || d_inner % norm_groups != 0) return -1;
+    if (hylm_mamba_steps_check(b, t, K, C, H, P, G, N)) return -1;
     float *buf = malloc((size_t)(R * (Dm + width + C + 2 * d_inner)) * sizeof(float));
     if (!buf) return -5;
     float *h = buf, *proj = h + R * Dm, *work = proj + R * width, *y = work + R * C, *gated = y + R * d_inner;
+    const int64_t gs = d_inner / norm_groups;
     for (int64_t r = 0; r < R; r++) rmsnorm_row(x + r * Dm, norm_w, eps, Dm, h + r * Dm);
+    /* one parallel region: every phase's `omp for` ends in a barrier, and no thread team is started per phase */
 #pragma omp parallel
-    rows_product(h, w_in, w_in_t, proj, R, Dm, width);
-    int rc = hylm_mamba_steps(proj + d_inner, width, proj + d_inner + C, width, conv, conv_w, conv_b, K, dt_bias, A,
+    {
+        rows_product(h, w_in, w_in_t, proj, R, Dm, width);
+        hylm_mamba_steps_team(proj + d_inner, width, proj + d_inner + C, width, conv, conv_w, conv_b, K, dt_bias, A,
                               Dskip, dt_min, dt_max, ssm, slot, b, t, C, H, P, G, N, work, y, conv_after, ssm_after);
-    if (rc == 0) {
-        const int64_t gs = d_inner / norm_groups;
+#pragma omp for collapse(2) schedule(static)
         for (int64_t r = 0; r < R; r++) {
-            const float *z = proj + r * width, *yr = y + r * d_inner;
-            float *g = gated + r * d_inner;
-            for (int64_t i = 0; i < d_inner; i++) g[i] = yr[i] * (z[i] / (1.0f + expf(-z[i])));
-            for (int64_t q = 0; q < norm_groups; q++)
-                rmsnorm_row(g + q * gs, gnorm_w + q * gs, gnorm_eps, gs, g + q * gs);
+            for (int64_t q = 0; q < norm_groups; q++) {
+                const float *z = proj + r * width + q * gs, *yr = y + r * d_inner + q * gs;
+                float *g = gated + r * d_inner + q * gs;
+                for (int64_t i = 0; i < gs; i++) g[i] = yr[i] * (z[i] / (1.0f + expf(-z[i])));
+                rmsnorm_row(g, gnorm_w + q * gs, gnorm_eps, gs, g);
+            }
         }
-#pragma omp parallel
         rows_product(gated, w_out, w_out_t, out, R, d_inner, Dm);
-        for (int64_t i = 0; i < R * Dm; i++) out[i] += x[i];
     }
+    for (int64_t i = 0; i < R * Dm; i++) out[i] += x[i];
     free(buf);
-    return rc;
+    return 0;
 }

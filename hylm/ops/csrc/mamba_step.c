@@ -17,35 +17,38 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
-int hylm_mamba_steps(const float *xbc, int64_t xbc_stride, const float *dt, int64_t dt_stride, float *conv,
-                     const float *conv_w, const float *conv_b, int64_t K, const float *dt_bias, const float *A,
-                     const float *D, float dt_min, float dt_max, float *ssm, const int64_t *slot, int64_t b,
-                     int64_t t, int64_t C, int64_t H, int64_t P, int64_t G, int64_t N, float *work, float *y,
-                     float *conv_after, float *ssm_after) {
-    if (b < 1 || t < 1 || K < 1 || H % G != 0 || C != H * P + 2 * G * N) return -1;
-    const int64_t d_inner = H * P, heads_per_group = H / G;
-#pragma omp parallel for schedule(static)
+/* The work of hylm_mamba_steps for the threads of the calling team: each `omp for` is orphaned, so inside a
+ * parallel region (hylm_mamba_rows) the team shares it, and outside one the caller does it all. The conv runs
+ * per channel over the t tokens, the recurrence per head: with one sequence (batch-1 decode and verification)
+ * both still split across threads. */
+void hylm_mamba_steps_team(const float *xbc, int64_t xbc_stride, const float *dt, int64_t dt_stride, float *conv,
+                           const float *conv_w, const float *conv_b, int64_t K, const float *dt_bias, const float *A,
+                           const float *D, float dt_min, float dt_max, float *ssm, const int64_t *slot, int64_t b,
+                           int64_t t, int64_t C, int64_t H, int64_t P, int64_t G, int64_t N, float *work, float *y,
+                           float *conv_after, float *ssm_after) {
+    const int64_t d_inner = H * P, heads_per_group = H / G, W = K - 1;
+#pragma omp for collapse(2) schedule(static)
     for (int64_t i = 0; i < b; i++) {
-        float *state = conv + slot[i] * C * (K - 1);
-        for (int64_t j = 0; j < t; j++) {  /* token j of sequence i is packed row i * t + j */
-            const float *x = xbc + (i * t + j) * xbc_stride;
-            float *out = work + (i * t + j) * C;
-            for (int64_t c = 0; c < C; c++) {
-                float *st = state + c * (K - 1);
-                const float *w = conv_w + c * K;
-                float acc = x[c] * w[K - 1];
-                for (int64_t q = 0; q < K - 1; q++) acc += st[q] * w[q];
+        for (int64_t c = 0; c < C; c++) {
+            float *st = conv + (slot[i] * C + c) * W;
+            const float *w = conv_w + c * K;
+            for (int64_t j = 0; j < t; j++) {  /* token j of sequence i is packed row i * t + j */
+                const int64_t row = i * t + j;
+                const float xc = xbc[row * xbc_stride + c];
+                float acc = xc * w[K - 1];
+                for (int64_t q = 0; q < W; q++) acc += st[q] * w[q];
                 if (conv_b) acc += conv_b[c];
-                for (int64_t q = 0; q + 1 < K - 1; q++) st[q] = st[q + 1];
-                if (K > 1) st[K - 2] = x[c];
-                out[c] = acc / (1.0f + expf(-acc));  /* SiLU */
+                for (int64_t q = 0; q + 1 < W; q++) st[q] = st[q + 1];
+                if (W > 0) st[W - 1] = xc;
+                work[row * C + c] = acc / (1.0f + expf(-acc));  /* SiLU */
+                if (conv_after)
+                    for (int64_t q = 0; q < W; q++) conv_after[(row * C + c) * W + q] = st[q];
             }
-            if (conv_after)
-                for (int64_t e = 0; e < C * (K - 1); e++) conv_after[(i * t + j) * C * (K - 1) + e] = state[e];
         }
     }
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(static)
     for (int64_t i = 0; i < b; i++) {
         for (int64_t h = 0; h < H; h++) {
             const int64_t g = h / heads_per_group;
@@ -71,12 +74,24 @@ int hylm_mamba_steps(const float *xbc, int64_t xbc_stride, const float *dt, int6
                     }
                     yo[p] = acc + (D ? D[h] * xs[p] : 0.0f);
                 }
-                if (ssm_after) {
-                    float *dst = ssm_after + (row * H + h) * P * N;
-                    for (int64_t e = 0; e < P * N; e++) dst[e] = s[e];
-                }
+                if (ssm_after) memcpy(ssm_after + (row * H + h) * P * N, s, (size_t)(P * N) * sizeof(float));
             }
         }
     }
+}
+
+int hylm_mamba_steps_check(int64_t b, int64_t t, int64_t K, int64_t C, int64_t H, int64_t P, int64_t G, int64_t N) {
+    return b < 1 || t < 1 || K < 1 || G < 1 || H % G != 0 || C != H * P + 2 * G * N ? -1 : 0;
+}
+
+int hylm_mamba_steps(const float *xbc, int64_t xbc_stride, const float *dt, int64_t dt_stride, float *conv,
+                     const float *conv_w, const float *conv_b, int64_t K, const float *dt_bias, const float *A,
+                     const float *D, float dt_min, float dt_max, float *ssm, const int64_t *slot, int64_t b,
+                     int64_t t, int64_t C, int64_t H, int64_t P, int64_t G, int64_t N, float *work, float *y,
+                     float *conv_after, float *ssm_after) {
+    if (hylm_mamba_steps_check(b, t, K, C, H, P, G, N)) return -1;
+#pragma omp parallel
+    hylm_mamba_steps_team(xbc, xbc_stride, dt, dt_stride, conv, conv_w, conv_b, K, dt_bias, A, D, dt_min, dt_max,
+                          ssm, slot, b, t, C, H, P, G, N, work, y, conv_after, ssm_after);
     return 0;
 }

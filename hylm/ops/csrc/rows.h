@@ -13,8 +13,9 @@
  * follow. rows_stream instead gives each thread one contiguous range of outputs and reads 8 rows of Wt at a
  * time along it, in runs of up to ROWS_STREAM_BLOCK outputs whose y rows stay in L1/L2, prefetching the next 8
  * rows. Measured on 2 cores with cold caches, 1 row: [512 -> 2320] 0.19 vs 0.31 ms, [512 -> 512] 0.08 vs 0.15
- * ms; 4-8 rows gain alike. With the weight in cache both orders take the same time for one row, the tiles
- * less for more (rows_streams).
+ * ms; 4-8 rows gain alike. The same holds for a weight that comes from L3, as every weight of a forward does
+ * once the model is larger than L2: hylm-tiny's Mamba in_proj [192 -> 908] for 4 verified tokens inside
+ * the engine took 82-95 us as tiles, 36 us streamed (15 us either way when a loop keeps it in L2).
  *
  * `rows_product` shares its tiles out with an orphaned `omp for`: inside a parallel region the team splits
  * them (and waits at the end), outside one the caller computes them all.
@@ -143,8 +144,7 @@ static inline void rows_tail(const float *x, const float *W, int transposed, flo
 }
 
 #define ROWS_STREAM_MAX_ROWS 8
-#define ROWS_STREAM_MIN_OUTPUTS 256
-#define ROWS_STREAM_MIN_WEIGHT (1 << 20) /* elements (4 MB) */
+#define ROWS_STREAM_MIN_OUTPUTS 64 /* below, the tiles (32 outputs each) keep both threads busy */
 #define ROWS_STREAM_BLOCK 2048 /* outputs per run: 8 KB of each row of Wt, y's rows at most 64 KB */
 
 /* outputs c0..c1-1 of every row over Wt [K, N], 8 rows of Wt at a time */
@@ -180,12 +180,13 @@ static inline void rows_stream_block(const float *x, const float *Wt, float *y, 
             for (int64_t n = c0; n < c1; n++) y[r * N + n] += x[r * K + k] * Wt[k * N + n];
 }
 
-/* Streaming order for one row always (as fast as the tiles on a cached weight), for 2-8 rows only over weights
- * likely to come from DRAM: on a cached weight the tiles, which keep their sums in registers over all of K, take
- * half the time for 2-4 rows (hylm-tiny's [192 -> 2048], 2 rows: 27 vs 43 us). */
+/* Streaming order for up to 8 rows over a column-major weight. Only a weight kept in L1/L2 by a loop over it
+ * runs faster as tiles, which keep their sums in registers over all of K (hylm-tiny's [192 -> 2048], 2 rows: 27
+ * vs 43 us); inside a forward each weight comes from L3 or DRAM (the A/B run of benchmarks/bench_speculative.py:
+ * 789 vs 695 tok/s plain, 787 vs 695 speculative, medians of 4). */
 static inline int rows_streams(int transposed, int64_t R, int64_t K, int64_t N) {
-    return transposed && N >= ROWS_STREAM_MIN_OUTPUTS
-           && (R == 1 || (R <= ROWS_STREAM_MAX_ROWS && K * N >= ROWS_STREAM_MIN_WEIGHT));
+    (void)K;
+    return transposed && N >= ROWS_STREAM_MIN_OUTPUTS && R <= ROWS_STREAM_MAX_ROWS;
 }
 
 /* the team's share of outputs, one contiguous range per thread (a multiple of 16 outputs: whole lines) */
