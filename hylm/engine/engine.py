@@ -15,6 +15,7 @@ import torch
 
 from ..model import Batch, NemotronHModel
 from . import speculative
+from .allocator import tune_process_allocator
 from .metrics import EngineMetrics
 from .prefix_cache import PrefixCache
 from .request import Request, RequestOutput, Status
@@ -52,6 +53,7 @@ def resolve_kv_cache_dtype(value: torch.dtype | str | None) -> torch.dtype | Non
 
 class LLMEngine:
     def __init__(self, model: NemotronHModel, config: EngineConfig | None = None, seed: int = 0):
+        tune_process_allocator()
         self.model = model
         self.config = config or EngineConfig()
         c = self.config
