@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.moe import relu_square
 from .linear import Linear
 
 
@@ -19,4 +20,4 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(relu2(self.up_proj(x)))
+        return self.down_proj(relu_square(self.up_proj(x)))  # in place on the fresh product at inference

@@ -21,8 +21,10 @@ class RMSNorm(nn.Module):
             return rmsnorm_rows(x, self.weight, self.eps)  # a few tokens: one native call, not seven dispatches
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        # the weight multiplies in fp32 before the cast back, as in NVIDIA's reference
-        return (self.weight.float() * x32).to(x.dtype)
+        # the weight multiplies in fp32 before the cast back, as in NVIDIA's reference (in place on the fresh
+        # product where autograd records nothing: the same values, one large temporary fewer in a prefill)
+        out = self.weight.float() * x32 if x32.requires_grad else x32.mul_(self.weight.float())
+        return out.to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -37,6 +39,9 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         h = y.float() * F.silu(z.float())
         groups = h.view(*h.shape[:-1], -1, self.group_size)  # [..., G, size/G]
-        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
-        h = groups.view(h.shape)  # [..., size]
-        return (self.weight.float() * h).to(out_dtype)
+        scale = torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)  # [..., G, 1]
+        if h.requires_grad:
+            h = (groups * scale).view(h.shape)  # [..., size]
+            return (self.weight.float() * h).to(out_dtype)
+        groups.mul_(scale)  # h is this call's own product: the same values in place, no more full-size temporaries
+        return h.mul_(self.weight.float()).to(out_dtype)

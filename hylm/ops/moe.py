@@ -89,7 +89,7 @@ def grouped_expert_mlp(
     if n == 1:  # one decode token: no sorting or scattering, just its k experts
         out = None
         for j, expert in enumerate(ids[0].tolist()):
-            h = torch.relu(linear(x, up[expert])).square()
+            h = relu_square(linear(x, up[expert]))
             y = linear(h, down[expert]).float() * weights[:, j: j + 1]
             out = y if out is None else out.add_(y)
         return out.to(x.dtype)
@@ -109,12 +109,20 @@ def grouped_expert_mlp(
         if count == 0:
             continue
         end = start + count
-        h = torch.relu(linear(x_sorted[start:end], up[expert])).square()
+        h = relu_square(linear(x_sorted[start:end], up[expert]))
         out_sorted[start:end] = linear(h, down[expert]).float() * w_sorted[start:end]
         start = end
     out = torch.zeros(n, down.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, token_of, out_sorted)
     return out.to(x.dtype)
+
+
+def relu_square(h: torch.Tensor) -> torch.Tensor:
+    """relu(h)^2 of a fresh product h: in place where autograd records nothing (a prefill's [E, capacity, I]
+    activations are tens of MB: two more passes and two more allocations of that size otherwise)."""
+    if h.requires_grad:
+        return torch.relu(h).square()
+    return h.clamp_min_(0.0).square_()
 
 
 def padded_expert_mlp(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up: torch.Tensor,
@@ -134,8 +142,9 @@ def padded_expert_mlp(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     table[expert_of, place] = order // k
     gate[expert_of, place] = weights.reshape(-1)[order].float()
     xs = x[table]  # [E, C, D]
-    h = torch.relu(torch.bmm(xs, up.transpose(1, 2))).square()  # [E, C, I]
-    y = torch.bmm(h, down.transpose(1, 2)).float() * gate.unsqueeze(-1)  # [E, C, D_out]
+    h = relu_square(torch.bmm(xs, up.transpose(1, 2)))  # [E, C, I]
+    y = torch.bmm(h, down.transpose(1, 2)).float()  # [E, C, D_out]
+    y = y * gate.unsqueeze(-1) if y.requires_grad else y.mul_(gate.unsqueeze(-1))
     out = torch.zeros(n, down.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, table.view(-1), y.view(-1, y.shape[-1]))
     return out.to(x.dtype)
@@ -148,7 +157,7 @@ def dense_expert_mlp(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, 
     n = x.shape[0]
     num_experts, inter, d_in = up.shape
     gate = torch.zeros(n, num_experts, dtype=torch.float32, device=x.device).scatter_add_(1, ids, weights.float())
-    h = torch.relu(x @ up.reshape(num_experts * inter, d_in).t()).square()  # [N, E*I]
+    h = relu_square(x @ up.reshape(num_experts * inter, d_in).t())  # [N, E*I]
     h = h.view(n, num_experts, inter).transpose(0, 1)  # [E, N, I]
     y = torch.bmm(h, down.transpose(1, 2)).float()  # [E, N, D_out]
     out = (y * gate.t().unsqueeze(-1)).sum(0)  # [N, D_out]
