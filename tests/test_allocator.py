@@ -22,6 +22,8 @@ SCRIPT = textwrap.dedent("""
     config = TINY.replace(hidden_size=256, pattern="ME*E", mamba_num_heads=8, mamba_head_dim=32,
                           max_position_embeddings=4096)
     model = hylm.load_model(config, seed=0)
+    import hylm.model.mamba2 as mamba2
+    mamba2.native_step_enabled = False  # the PyTorch scan: chunk-sized temporaries of several MB, as larger models
     prompt = torch.randint(3, 256, (2048,), generator=torch.Generator().manual_seed(0)).tolist()
     def prefill_faults():
         eng = LLMEngine(model, EngineConfig(max_num_seqs=1, max_model_len=2100, max_num_batched_tokens=2048))

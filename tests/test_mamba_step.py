@@ -107,3 +107,36 @@ def test_engine_outputs_equal_with_and_without_the_native_step(monkeypatch):
     reference = logprob_runs(model, prompts, params, block_size=4, max_num_seqs=3)
     assert not calls
     assert_runs_agree(with_step, reference)
+
+
+@pytest.mark.parametrize("tokens,b", [(300, 2), (700, 1), (37, 3)])
+def test_native_recurrence_over_a_prompt_matches_float64(tokens, b):
+    """Prefill takes the same kernel as decode: the recurrence token by token from each slot's state. Against
+    the conv and the SSM recurrence in float64 (ssd_reference) from the same states."""
+    g = torch.Generator().manual_seed(tokens)
+    heads, head_dim, groups, state, kernel = 8, 32, 2, 16, 4
+    c = heads * head_dim + 2 * groups * state
+    proj = torch.randn(b * tokens, c + heads + 3, generator=g)
+    xbc, dt = proj[:, :c], proj[:, c: c + heads]
+    conv_w, conv_b = torch.randn(c, kernel, generator=g) * 0.5, torch.randn(c, generator=g)
+    dt_bias, a, d = torch.randn(heads, generator=g), -torch.rand(heads, generator=g) * 4, torch.randn(heads, generator=g)
+    conv_pool = torch.randn(5, c, kernel - 1, generator=g)
+    ssm_pool = torch.randn(5, heads, head_dim, state, generator=g)
+    slots = torch.tensor([3, 0, 4][:b])
+
+    f64 = torch.float64
+    x3 = xbc.reshape(b, tokens, c).to(f64)
+    h, conv_final = causal_conv1d(x3, conv_w.to(f64), conv_b.to(f64), conv_pool[slots].to(f64))
+    h = F.silu(h)
+    xs, bm, cm = h.split([heads * head_dim, groups * state, groups * state], dim=-1)
+    dt_ref = F.softplus(dt.reshape(b, tokens, heads).to(f64) + dt_bias.to(f64))
+    from hylm.ops.ssd import ssd_reference
+    y_ref, ssm_final = ssd_reference(xs.reshape(b, tokens, heads, head_dim), dt_ref, a.to(f64),
+                                     bm.reshape(b, tokens, groups, state), cm.reshape(b, tokens, groups, state),
+                                     D=d.to(f64), initial_state=ssm_pool[slots].to(f64))
+
+    y, _, _ = mamba_decode_step(xbc, dt, conv_pool, conv_w, conv_b, dt_bias, a, d, (0.0, math.inf), ssm_pool, slots,
+                                groups, tokens=tokens)
+    torch.testing.assert_close(y.view(b, tokens, heads, head_dim).to(f64), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ssm_pool[slots].to(f64), ssm_final, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(conv_pool[slots].to(f64), conv_final, rtol=0, atol=0)  # the last inputs, exact

@@ -12,8 +12,12 @@ from . import native
 from .linear import fp32_cpu, weight_layout
 
 
+MAX_CONV_KERNEL = 16  # CONV_MAX_KERNEL in hylm/ops/csrc/mamba_step.c
+
+
 def native_supported(xbc: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor) -> bool:
     return (xbc.device.type == "cpu" and xbc.dtype == torch.float32 and conv_pool.dtype == torch.float32
+            and conv_pool.shape[-1] < MAX_CONV_KERNEL
             and ssm_pool.dtype == torch.float32 and conv_pool.is_contiguous() and ssm_pool.is_contiguous()
             and xbc.stride(-1) == 1 and native.available())
 
@@ -117,7 +121,8 @@ def prepare_native_mamba_block(norm_weight: torch.Tensor, eps: float, in_proj: t
         return None
     if not all(m.dim() == 2 and weight_layout(m) is not None for m in mats):
         return None
-    if not all(v.is_contiguous() for v in vecs) or conv_weight.device.type != "cpu":
+    if not all(v.is_contiguous() for v in vecs) or conv_weight.device.type != "cpu" \
+            or conv_weight.shape[-1] > MAX_CONV_KERNEL:
         return None
     return NativeMambaBlock(norm_weight, eps, in_proj, out_proj, conv_weight, conv_bias, dt_bias, A_log, D, dt_limits,
                             gnorm_weight, gnorm_eps, num_heads, head_dim, n_groups, state_size)
