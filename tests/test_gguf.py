@@ -391,6 +391,37 @@ def test_q8_0_linear_and_experts_match_the_dequantized_reference():
         assert _rel(packed(x[:1], weights[:1], ids[:1]), ref(x[:1], weights[:1], ids[:1])) < 1e-6
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_native_q8_0_rows_match_float64_and_the_tiled_path(rows, with_bias, monkeypatch):
+    """Decode-sized products read the packed weight in hylm's native kernel (dequantised in registers):
+    against float64 from the same blocks, and against the tiled PyTorch path; scales include zero and
+    subnormal fp16 values."""
+    from hylm.model import gguf_quant
+    from hylm.ops import native
+
+    if not native.available():
+        pytest.skip("no C compiler: native kernels not built")
+    g = torch.Generator().manual_seed(rows)
+    out_f, in_f = 203, 160
+    q = torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8)
+    s = (torch.rand(out_f, in_f // 32, generator=g) * 0.01).to(torch.float16)
+    s[0, 0], s[1, 2], s[2, 1] = 0.0, 3e-6, -2e-7  # zero, subnormal halves
+    bias = torch.randn(out_f, generator=g) if with_bias else None
+    x = torch.randn(rows, in_f, generator=g)
+    ref = x.double() @ dequantize_q8_0(q, s, torch.float64).t() + (bias.double() if with_bias else 0.0)
+
+    calls = []
+    lib = native.library()
+    monkeypatch.setattr(gguf_quant.native, "library", lambda: type("L", (), {
+        "hylm_q8_0_rows": staticmethod(lambda *a: calls.append(1) or lib.hylm_q8_0_rows(*a))})())
+    got = gguf_quant.q8_0_linear(x, q, s, bias)
+    assert calls, "the native kernel did not run"
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(gguf_quant, "native_enabled", False)
+    torch.testing.assert_close(got, gguf_quant.q8_0_linear(x, q, s, bias), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("qtype,bound", [(QT.Q4_K, 0.08), (QT.Q5_K, 0.04), (QT.Q6_K, 0.02)])
 def test_k_quant_encoder_round_trips_through_the_gguf_decoder(qtype, bound):
     rng = np.random.default_rng(1)

@@ -20,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import native
 from ..ops.fp8 import tile_rows
 from ..ops.nvfp4 import routed_expert_mlp
 from .linear import Linear
 from .moe import Experts
 
 Q8_0_BLOCK = 32
+native_enabled = True  # tests and benchmarks flip this to compare with the tiled PyTorch path
 Q8_0_BLOCK_BYTES = 2 + Q8_0_BLOCK  # fp16 scale + 32 int8 values
 
 
@@ -53,12 +55,22 @@ def dequantize_q8_0(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 
 def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] @ dequantize_q8_0(qweight, scales).T + bias -> [..., out] in x's dtype, computed in fp32
-    one dequantised row tile (about 2 MiB of fp32) at a time."""
+    """x [..., in] @ dequantize_q8_0(qweight, scales).T + bias -> [..., out] in x's dtype, computed in fp32:
+    for up to 8 rows on the CPU by hylm's native kernel from the packed weight (one read of 8.5 bits per
+    element), else one dequantised row tile (about 2 MiB of fp32) at a time."""
     out_f, in_f = qweight.shape
     if x.shape[-1] != in_f:
         raise ValueError(f"q8_0_linear: input has {x.shape[-1]} features, the weight expects {in_f}")
     lead = x.shape[:-1]
+    if _native_q8_0_ok(x, qweight, scales, bias):
+        rows = x.reshape(-1, in_f).float().contiguous()  # [R, in]
+        y = torch.empty(rows.shape[0], out_f, dtype=torch.float32)  # [R, out]
+        b = bias.float().contiguous() if bias is not None else None
+        if native.library().hylm_q8_0_rows(rows.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                                           b.data_ptr() if b is not None else None, y.data_ptr(), rows.shape[0],
+                                           in_f, out_f) != 0:
+            raise RuntimeError(f"native Q8_0 kernel refused rows={rows.shape[0]}, in={in_f}, out={out_f}")
+        return y.reshape(*lead, out_f).to(x.dtype)
     xt = x.reshape(-1, in_f).float().t()  # [in, N]
     yt = torch.empty(out_f, xt.shape[1], dtype=torch.float32, device=x.device)  # y transposed: row tiles
     rows = tile_rows(in_f)
@@ -70,6 +82,19 @@ def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*lead, out_f).to(x.dtype)
+
+
+NATIVE_MAX_ROWS = 8  # Q8_0_MAX_ROWS in hylm/ops/csrc/q8_0_rows.c
+
+
+def _native_q8_0_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    rows = x.numel() // max(1, x.shape[-1])
+    return (native_enabled and x.device.type == "cpu" and qweight.device.type == "cpu" and 1 <= rows <= NATIVE_MAX_ROWS
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and qweight.dtype == torch.int8
+            and scales.dtype == torch.float16 and qweight.is_contiguous() and scales.is_contiguous()
+            and (bias is None or bias.device.type == "cpu")
+            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+            and native.available())
 
 
 class Q8_0Linear(nn.Module):
