@@ -237,7 +237,8 @@ def test_quantized_reference_file_matches_the_dequantized_weights(tmp_path, moe_
         raw = stored["blk.0.ssm_in.weight"][0].reshape(-1, 34)
         assert torch.equal(layer.in_proj.qweight.reshape(-1, 32), torch.from_numpy(raw[:, 2:].view(np.int8).copy()))
         assert torch.equal(layer.in_proj.scales.reshape(-1), torch.from_numpy(raw[:, :2].copy().view(np.float16)[:, 0]))
-        assert isinstance(loaded.lm_head, torch.nn.Linear)  # the engine reads lm_head's dtype: kept dense
+        assert isinstance(loaded.lm_head, Q8_0Linear)  # the head too: decode reads it every token
+        assert loaded.dtype == torch.float32
     else:
         assert not any(isinstance(m, (Q8_0Linear, Q8_0Experts)) for m in loaded.modules())
 
@@ -268,7 +269,7 @@ def test_loading_in_slabs_gives_the_same_weights(tmp_path, moe_model, monkeypatc
 def test_bf16_load_dtype(tmp_path, moe_model):
     write_reference_gguf(moe_model, tmp_path / "m.gguf", QT.Q8_0)
     loaded = hylm.load_model(tmp_path / "m.gguf", dtype="bf16")
-    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    assert loaded.dtype == loaded.model.embeddings.weight.dtype == torch.bfloat16
     assert loaded.model.layers[2].mixer.gate.e_score_correction_bias.dtype == torch.float32
     with torch.no_grad():
         assert torch.isfinite(loaded(_ids(MOE_CFG.vocab_size))).all()

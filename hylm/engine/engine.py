@@ -57,8 +57,8 @@ class LLMEngine:
         self.model = model
         self.config = config or EngineConfig()
         c = self.config
-        dtype = model.lm_head.weight.dtype
-        device = model.lm_head.weight.device
+        dtype = model.dtype
+        device = model.device
         self.spec_k = c.speculative_tokens
         if self.spec_k < 0:
             raise ValueError("speculative_tokens must be >= 0")

@@ -47,7 +47,7 @@ def catch_up(model, pool, reqs: list[Request], ends: list[int]) -> tuple[torch.T
     r.mtp_hidden. Returns the MTP's outputs [sum of lengths, D] and their batch."""
     lens = [e - r.mtp_computed for r, e in zip(reqs, ends)]
     tokens = torch.tensor([t for r, e in zip(reqs, ends) for t in r.token_ids[r.mtp_computed + 1: e + 1]],
-                          device=model.lm_head.weight.device)
+                          device=model.device)
     pending = [torch.cat(r.mtp_hidden) if len(r.mtp_hidden) > 1 else r.mtp_hidden[0] for r in reqs]  # [>= n, D]
     hidden = torch.cat([p[:n] for p, n in zip(pending, lens)])  # [sum(lens), D]
     batch = Batch(lens, [r.mtp_computed for r in reqs], [r.slot for r in reqs])

@@ -29,6 +29,20 @@ class NemotronHModel(nn.Module):
         self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
         self.mtp = MTP(c, first_layer_id=c.num_hidden_layers) if c.num_nextn_predict_layers > 0 else None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's activation and state dtype: its (dense) lm_head's, or its embeddings' where the head is
+        kept packed (a GGUF Q8_0 head)."""
+        return self._dense_weight().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._dense_weight().device
+
+    def _dense_weight(self) -> torch.Tensor:
+        w = getattr(self.lm_head, "weight", None)
+        return w if isinstance(w, torch.Tensor) else self.model.embeddings.weight
+
     # ---- packed path: what the engine calls --------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, batch: Batch, state: State | None = None) -> torch.Tensor:
         """input_ids [N] packed -> final hidden states [N, D] after norm_f."""
@@ -64,5 +78,5 @@ class NemotronHModel(nn.Module):
         return logits.view(b, t, -1)
 
     def new_cache(self, batch_size: int) -> ContiguousCache:
-        p = self.lm_head.weight
+        p = self._dense_weight()
         return ContiguousCache(self.config, batch_size, dtype=p.dtype, device=p.device)

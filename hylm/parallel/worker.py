@@ -111,7 +111,7 @@ class RankZeroModel(NemotronHModel):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if isinstance(self.lm_head, VocabParallelHead):  # a replicated head needs no other rank
             self.channel.send(LOGITS, extra=hidden.shape[0])
-            self.comm.broadcast(hidden.to(self.lm_head.weight.dtype).contiguous())
+            self.comm.broadcast(hidden.to(self.dtype).contiguous())
         return super().logits(hidden)
 
     def stop_ranks(self) -> None:
@@ -138,7 +138,7 @@ def serve_rank_zero(model: NemotronHModel, comm: Communicator) -> None:
     """A worker rank's life: make the model calls rank 0 announces, on this rank's shard, until STOP."""
     channel = Channel(comm)
     pool: StatePool | None = None
-    dtype = model.lm_head.weight.dtype
+    dtype = model.dtype
     while True:
         kind, extra, body = channel.receive()
         if kind == STOP:

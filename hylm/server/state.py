@@ -54,7 +54,7 @@ class ServerState:
         model = self.llm_engine.model
         n = sum(p.numel() for p in model.parameters())
         count = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-        dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+        dtype = str(model.dtype).removeprefix("torch.")
         return f"model {self.model_path} ({count} params, {dtype}), {self.llm_engine.sizes.describe()}"
 
 

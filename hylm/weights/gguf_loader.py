@@ -9,8 +9,9 @@ blocks (`nextn_predict_layers`) are skipped: hylm does not load an MTP block fro
 Weights: every tensor type the `gguf` package decodes is accepted (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
 Q5_0, Q5_1, Q2_K..Q6_K, IQ*). Q8_0 projections (Mamba in/out, attention, shared and routed experts,
 latent projections, dense MLPs) stay packed in memory as Q8_0Linear / Q8_0Experts (hylm.model.gguf_quant),
-which compute from the packed form; every other tensor is dequantised to the requested dtype (the
-embeddings and lm_head always: the engine reads lm_head's dtype). llama.cpp's transforms are undone:
+which compute from the packed form, and so does a Q8_0 lm_head (`output.weight`; the model's dtype is then its
+embeddings'); every other tensor is dequantised to the requested dtype (the embeddings always). llama.cpp's
+transforms are undone:
 A_log = log(-ssm_a), D and conv1d reshaped back, ssm_norm flattened, stacked experts kept stacked.
 Problems (missing, unexpected, mis-shaped tensors, unreadable types) are reported together in one
 CheckpointError.
@@ -244,7 +245,7 @@ def _swap_q8_0_modules(model: nn.Module, specs: dict[str, TensorSpec], file: GGU
         return spec is not None and spec.name in file.tensors and file.tensors[spec.name].tensor_type == QT.Q8_0
 
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name != "lm_head" and is_q8_0(f"{name}.weight") \
+        if isinstance(module, nn.Linear) and is_q8_0(f"{name}.weight") \
                 and module.in_features % Q8_0_BLOCK == 0:
             new = Q8_0Linear(module.in_features, module.out_features, module.bias is not None, dtype=dtype,
                              device=device)
