@@ -423,6 +423,43 @@ def test_native_q8_0_rows_match_float64_and_the_tiled_path(rows, with_bias, monk
     torch.testing.assert_close(got, gguf_quant.q8_0_linear(x, q, s, bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_native_q8_0_experts_match_float64(rows, monkeypatch):
+    """Decode-sized batches run every chosen expert of every token in one native call: against float64 from
+    the dequantised experts, and against the PyTorch loop over experts."""
+    from hylm.model import gguf_quant
+    from hylm.ops import native
+
+    if not native.available():
+        pytest.skip("no C compiler: native kernels not built")
+    g = torch.Generator().manual_seed(rows)
+    e, d, i, k = 6, 64, 96, 2
+    packed = Q8_0Experts(e, d, i)
+    for proj, shape in (("up_proj", (e, i, d)), ("down_proj", (e, d, i))):
+        value = torch.randn(*shape, generator=g) * 0.1
+        q, s = q8_0_split_blocks(gguf.quants.quantize(value.numpy(), QT.Q8_0), shape[-1])
+        getattr(packed, f"{proj}_qweight").copy_(q)
+        getattr(packed, f"{proj}_scales").copy_(s)
+    x = torch.randn(rows, d, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(rows)])
+    weights = torch.rand(rows, k, generator=g)
+    up, down = packed.dequantize("up_proj", torch.float64), packed.dequantize("down_proj", torch.float64)
+    ref = torch.zeros(rows, d, dtype=torch.float64)
+    for r in range(rows):
+        for j in range(k):
+            hid = torch.relu(up[ids[r, j]] @ x[r].double()) ** 2
+            ref[r] += weights[r, j].double() * (down[ids[r, j]] @ hid)
+    calls = []
+    original = packed._native
+    monkeypatch.setattr(packed, "_native", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        got = packed(x, weights, ids)
+        assert calls, "the native kernel did not run"
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(gguf_quant, "native_enabled", False)
+        torch.testing.assert_close(got, packed(x, weights, ids), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("qtype,bound", [(QT.Q4_K, 0.08), (QT.Q5_K, 0.04), (QT.Q6_K, 0.02)])
 def test_k_quant_encoder_round_trips_through_the_gguf_decoder(qtype, bound):
     rng = np.random.default_rng(1)

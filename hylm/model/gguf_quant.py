@@ -172,9 +172,36 @@ class Q8_0Experts(nn.Module):
         return lambda e, h: F.linear(h, w[e].float())
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self._native_ok(x, weights, ids):
+            return self._native(x, weights, ids).to(x.dtype)
         out = routed_expert_mlp(x, weights, ids, self.num_experts, self._linear("up_proj"),
                                 self._linear("down_proj"), self.input_size)
         return out.to(x.dtype)
+
+    def _native_ok(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> bool:
+        rows = x.shape[0] if x.dim() == 2 else 0
+        return (native_enabled and all(self.packed.values()) and x.device.type == "cpu" and 1 <= rows <= NATIVE_MAX_ROWS
+                and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and ids.dtype == torch.int64
+                and not (torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad))
+                and native.available())
+
+    def _native(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Decode-sized batches: every routed expert of every token in one native call that reads each chosen
+        expert's packed rows once (hylm_q8_0_experts_rows); the PyTorch path loops over the experts."""
+        rows, k = ids.shape
+        xs = x.float().contiguous()  # [R, D]
+        ids_c, w = ids.contiguous(), weights.float().contiguous()  # [R, k]
+        h = torch.empty(rows * k, self.intermediate_size, dtype=torch.float32)  # [R*k, I]
+        out = torch.empty(rows, self.input_size, dtype=torch.float32)  # [R, D]
+        uq, us = self.up_proj_qweight, self.up_proj_scales
+        dq, ds = self.down_proj_qweight, self.down_proj_scales
+        rc = native.library().hylm_q8_0_experts_rows(
+            xs.data_ptr(), ids_c.data_ptr(), w.data_ptr(), rows, k, uq.data_ptr(), us.data_ptr(), dq.data_ptr(),
+            ds.data_ptr(), self.num_experts, self.intermediate_size, self.input_size, self.input_size, h.data_ptr(),
+            out.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"native Q8_0 experts kernel refused {rows} rows x {k} experts (code {rc})")
+        return out
 
     def dequantize(self, proj: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The projection's weights as a dense [E, out, in] tensor."""

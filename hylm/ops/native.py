@@ -109,6 +109,8 @@ def library() -> ctypes.CDLL | None:
                                         ptr, ptr, i64, ptr, ptr, i64, ptr, i64, f32, i32, ptr, ptr]
     lib.hylm_q8_0_rows.restype = i32
     lib.hylm_q8_0_rows.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
+    lib.hylm_q8_0_experts_rows.restype = i32
+    lib.hylm_q8_0_experts_rows.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr]
     lib.hylm_mamba_rows.restype = i32
     lib.hylm_mamba_rows.argtypes = [ptr, i64, i64, ptr, f32, ptr, i32, ptr, i32, ptr, ptr, ptr, i64, ptr, ptr, ptr, f32,
                                     f32, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, f32, i64, ptr, ptr, ptr]

@@ -108,3 +108,55 @@ int hylm_q8_0_rows(const float *x, const int8_t *q, const uint16_t *d, const flo
     }
     return 0;
 }
+
+/* one row of a Q8_0 weight (K elements, K/32 scales) dotted with x [K] */
+static inline float q8_0_dot(const int8_t *q, const uint16_t *d, const float *x, int64_t K) {
+    v8 acc = {0};
+    for (int64_t b = 0; b < K / 32; b++) {
+        const int8_t *qb = q + 32 * b;
+        const float *xb = x + 32 * b;
+        v8 p = load_q8(qb) * load8(xb) + load_q8(qb + 8) * load8(xb + 8);
+        p += load_q8(qb + 16) * load8(xb + 16) + load_q8(qb + 24) * load8(xb + 24);
+        acc += p * half_to_float(d[b]);
+    }
+    return hsum8(acc);
+}
+
+/* The routed experts of a MoE layer for R tokens with Q8_0 weights, in one call: out[r] = sum_j w[r, j] *
+ * down[e] relu(up[e] x[r])^2 with e = ids[r, j]. up: q [E, I, Din], d [E, I, Din/32]; down: q [E, Dout, I],
+ * d [E, Dout, I/32]; x [R, Din], ids int64 [R, top_k] (each in [0, E)), w fp32 [R, top_k], h: scratch
+ * [R * top_k, I], out [R, Dout]. Din and I multiples of 32. Two phases in one parallel region: every
+ * assignment's activations (split by output), then every token's weighted sum (split by output). */
+int hylm_q8_0_experts_rows(const float *x, const int64_t *ids, const float *w, int64_t R, int64_t top_k,
+                           const int8_t *up_q, const uint16_t *up_d, const int8_t *down_q, const uint16_t *down_d,
+                           int64_t E, int64_t I, int64_t Din, int64_t Dout, float *h, float *out) {
+    if (R < 1 || top_k < 1 || E < 1 || I < 32 || I % 32 || Din < 32 || Din % 32 || Dout < 1) return -1;
+    for (int64_t a = 0; a < R * top_k; a++)
+        if (ids[a] < 0 || ids[a] >= E) return -2;
+    const int64_t A = R * top_k;
+#pragma omp parallel
+    {
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t a = 0; a < A; a++) {
+            for (int64_t i = 0; i < I; i++) {
+                const int64_t e = ids[a];
+                const int64_t row = e * I + i;
+                float v = q8_0_dot(up_q + row * Din, up_d + row * (Din / 32), x + (a / top_k) * Din, Din);
+                v = v > 0.0f ? v : 0.0f;
+                h[a * I + i] = v * v;
+            }
+        }
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            for (int64_t o = 0; o < Dout; o++) {
+                float s = 0.0f;
+                for (int64_t j = 0; j < top_k; j++) {
+                    const int64_t a = r * top_k + j, row = ids[a] * Dout + o;
+                    s += w[a] * q8_0_dot(down_q + row * I, down_d + row * (I / 32), h + a * I, I);
+                }
+                out[r * Dout + o] = s;
+            }
+        }
+    }
+    return 0;
+}
