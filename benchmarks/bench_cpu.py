@@ -11,7 +11,8 @@ bandwidth; prefill, the FLOPs a prefill cannot avoid (`prefill_flops`) over the 
 
 Where llama-cpp-python is installed, the same weights exported by `hylm export-gguf` (f32 and q8_0) run in
 llama.cpp as a second peer: prefill and single-stream decode (its high-level API drives one sequence, so
-no batched rows). llama.cpp runs with its defaults otherwise (f16 KV cache), as its users run it.
+no batched rows). llama.cpp runs with its defaults otherwise (f16 KV cache), as its users run it. hylm also runs
+the q8_0 file (its Q8_0 products stay packed; --no-q8 skips it): the "hylm q8_0" column.
 """
 
 from __future__ import annotations
@@ -225,6 +226,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--no-q8", action="store_true", help="skip hylm on the q8_0 GGUF export of the same weights")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=1,
                     help="hylm and transformers measurements alternate this many times per row and the row shows "
@@ -257,6 +259,10 @@ def main() -> None:
             llama_files = {q: export_for_llama_cpp(tmp, q) for q in ("f32", "q8_0")}
         except ImportError:
             print("# llama.cpp: llama-cpp-python not installed (pip install llama-cpp-python), skipped")
+    q8_model = None
+    if not args.no_q8:  # hylm on the q8_0 GGUF of the same weights (Q8_0 products stay packed)
+        write_placeholder_tokenizer(tmp, BENCH.vocab_size)
+        q8_model = hylm.load_model(llama_files.get("q8_0") or export_for_llama_cpp(tmp, "q8_0"))
     wbytes = active_weight_bytes(model)
     kv_tok = BENCH.kv_cache_bytes_per_token(4)
     state = BENCH.ssm_state_bytes_per_sequence(4)
@@ -319,6 +325,22 @@ def main() -> None:
         roof = b * bw / (wbytes + b * (128 * kv_tok + 2 * state))
         row(f"aggregate decode batch {b} tok/s", h, t, roof)
 
+    q8_rows: dict[str, float] = {}
+    if q8_model is not None:
+        median = (lambda v: sorted(v)[len(v) // 2])
+        hylm_prefill(q8_model, 256)  # warm-up
+        for n in contexts:
+            q8_rows[f"prefill {n} tok/s"] = median([hylm_prefill(q8_model, n) for _ in range(args.repeats)])
+        for n in contexts:
+            q8_rows[f"decode @ctx {n} tok/s (batch 1)"] = median(
+                [hylm_decode(q8_model, 1, n, new_tokens) for _ in range(args.repeats)])
+        for b in batches:
+            q8_rows[f"aggregate decode batch {b} tok/s"] = median(
+                [hylm_decode(q8_model, b, 128, new_tokens) for _ in range(args.repeats)])
+        for name, v in q8_rows.items():
+            print(f"{name:<34} hylm q8_0 {v:>9,.1f}", flush=True)
+        del q8_model
+
     llama_rows: dict[str, dict[str, float]] = {}
     for qtype, path in llama_files.items():
         llm = load_llama_cpp(path, max(contexts) + new_tokens + 64, torch.get_num_threads())
@@ -334,11 +356,14 @@ def main() -> None:
 
     num = (lambda v: f"{v:,.0f}" if v else "-")
     print("\n| measurement | hylm | transformers | hylm / transformers | llama.cpp f32 | hylm / llama.cpp f32 "
-          "| llama.cpp q8_0 | roofline | hylm / roofline |" + (" hylm, MKL products | oneDNN / MKL |" if mkl else ""))
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if mkl else ""))
+          "| hylm q8_0 | llama.cpp q8_0 | hylm / llama.cpp q8_0 | roofline | hylm / roofline |"
+          + (" hylm, MKL products | oneDNN / MKL |" if mkl else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if mkl else ""))
     for name, h, t, ratio, roof, frac in rows:
         f32, q8 = (llama_rows.get(name, {}).get(q) for q in ("f32", "q8_0"))
-        cells = [name, num(h), num(t), ratio, num(f32), f"{h / f32:.2f}x" if f32 else "-", num(q8), num(roof), frac]
+        hq = q8_rows.get(name)
+        cells = [name, num(h), num(t), ratio, num(f32), f"{h / f32:.2f}x" if f32 else "-", num(hq), num(q8),
+                 f"{hq / q8:.2f}x" if hq and q8 else "-", num(roof), frac]
         if mkl:
             m = mkl.get(name)
             cells += [num(m), f"{h / m:.2f}x" if m else "-"]
