@@ -392,7 +392,7 @@ def test_q8_0_linear_and_experts_match_the_dequantized_reference():
         assert _rel(packed(x[:1], weights[:1], ids[:1]), ref(x[:1], weights[:1], ids[:1])) < 1e-6
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 64])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_native_q8_0_rows_match_float64_and_the_tiled_path(rows, with_bias, monkeypatch):
     """Decode-sized products read the packed weight in hylm's native kernel (dequantised in registers):
@@ -423,7 +423,7 @@ def test_native_q8_0_rows_match_float64_and_the_tiled_path(rows, with_bias, monk
     torch.testing.assert_close(got, gguf_quant.q8_0_linear(x, q, s, bias), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 20])
 def test_native_q8_0_experts_match_float64(rows, monkeypatch):
     """Decode-sized batches run every chosen expert of every token in one native call: against float64 from
     the dequantised experts, and against the PyTorch loop over experts."""

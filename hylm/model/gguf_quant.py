@@ -56,7 +56,7 @@ def dequantize_q8_0(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ dequantize_q8_0(qweight, scales).T + bias -> [..., out] in x's dtype, computed in fp32:
-    for up to 8 rows on the CPU by hylm's native kernel from the packed weight (one read of 8.5 bits per
+    for up to 64 rows on the CPU by hylm's native kernel from the packed weight (one read of 8.5 bits per
     element), else one dequantised row tile (about 2 MiB of fp32) at a time."""
     out_f, in_f = qweight.shape
     if x.shape[-1] != in_f:
@@ -84,7 +84,7 @@ def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return y.reshape(*lead, out_f).to(x.dtype)
 
 
-NATIVE_MAX_ROWS = 8  # Q8_0_MAX_ROWS in hylm/ops/csrc/q8_0_rows.c
+NATIVE_MAX_ROWS = 64  # Q8_0_MAX_ROWS in hylm/ops/csrc/q8_0_rows.c
 
 
 def _native_q8_0_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -186,7 +186,7 @@ class Q8_0Experts(nn.Module):
                 and native.available())
 
     def _native(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Decode-sized batches: every routed expert of every token in one native call that reads each chosen
+        """Decode batches (up to 64 tokens): every routed expert of every token in one native call that reads each chosen
         expert's packed rows once (hylm_q8_0_experts_rows); the PyTorch path loops over the experts."""
         rows, k = ids.shape
         xs = x.float().contiguous()  # [R, D]

@@ -1,4 +1,4 @@
-/* y = x W^T (+ b) for 1-8 rows of x over a GGUF Q8_0 weight kept packed: decode steps and small decode batches
+/* y = x W^T (+ b) for 1-64 rows of x over a GGUF Q8_0 weight kept packed: decode steps and small decode batches
  * of a quantized model, where the product is a read of the weight. The weight is read once, 8.5 bits per
  * element, and dequantised in registers; the tiled PyTorch path (hylm/model/gguf_quant.q8_0_linear) writes and
  * reads an fp32 copy of every tile, more memory traffic than an fp32 weight.
@@ -18,7 +18,8 @@
 
 #include "vec.h"
 
-#define Q8_0_MAX_ROWS 8
+#define Q8_0_MAX_ROWS 64  /* decode batches; longer inputs dequantise tiles for a GEMM */
+#define Q8_0_CHUNK_ROWS 8
 
 /* 8 int8 -> 8 floats (GCC's generic conversion of an int8 vector goes element by element: the AVX2 forms) */
 static inline v8 load_q8(const int8_t *p) {
@@ -63,29 +64,24 @@ static inline float hsum8(v8 v) {
     return s;
 }
 
-/* outputs n0..n1-1 for J rows (a constant after inlining, so that the sums stay in registers) */
-static inline __attribute__((always_inline)) void q8_0_outputs(const float *x, const int8_t *q, const uint16_t *d,
-                                                               const float *bias, float *y, int64_t K, int64_t N,
-                                                               int64_t n0, int64_t n1, const int J) {
-    const int64_t blocks = K / 32;
-    for (int64_t n = n0; n < n1; n++) {
-        const int8_t *qn = q + n * K;
-        const uint16_t *dn = d + n * blocks;
-        v8 acc[Q8_0_MAX_ROWS] = {{0}};
-        for (int64_t b = 0; b < blocks; b++) {
-            const v8 w0 = load_q8(qn + 32 * b), w1 = load_q8(qn + 32 * b + 8), w2 = load_q8(qn + 32 * b + 16),
-                     w3 = load_q8(qn + 32 * b + 24);
-            const float s = half_to_float(dn[b]);
+/* output n for J rows of x (J a constant after inlining, so that the sums stay in registers) */
+static inline __attribute__((always_inline)) void q8_0_output(const float *x, const int8_t *qn, const uint16_t *dn,
+                                                              float b, float *y, int64_t K, int64_t N, int64_t n,
+                                                              const int J) {
+    v8 acc[Q8_0_CHUNK_ROWS] = {{0}};
+    for (int64_t blk = 0; blk < K / 32; blk++) {
+        const v8 w0 = load_q8(qn + 32 * blk), w1 = load_q8(qn + 32 * blk + 8), w2 = load_q8(qn + 32 * blk + 16),
+                 w3 = load_q8(qn + 32 * blk + 24);
+        const float s = half_to_float(dn[blk]);
 #pragma GCC unroll 8
-            for (int r = 0; r < J; r++) {
-                const float *xr = x + r * K + 32 * b;
-                v8 p = w0 * load8(xr) + w1 * load8(xr + 8);
-                p += w2 * load8(xr + 16) + w3 * load8(xr + 24);
-                acc[r] += p * s;
-            }
+        for (int r = 0; r < J; r++) {
+            const float *xr = x + r * K + 32 * blk;
+            v8 p = w0 * load8(xr) + w1 * load8(xr + 8);
+            p += w2 * load8(xr + 16) + w3 * load8(xr + 24);
+            acc[r] += p * s;
         }
-        for (int r = 0; r < J; r++) y[r * N + n] = hsum8(acc[r]) + (bias ? bias[n] : 0.0f);
     }
+    for (int r = 0; r < J; r++) y[r * N + n] = hsum8(acc[r]) + b;
 }
 
 int hylm_q8_0_rows(const float *x, const int8_t *q, const uint16_t *d, const float *bias, float *y, int64_t R,
@@ -95,15 +91,25 @@ int hylm_q8_0_rows(const float *x, const int8_t *q, const uint16_t *d, const flo
     {
         const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t n0 = N * t / T, n1 = N * (t + 1) / T;  /* one contiguous range of outputs per thread */
-        switch (R) {
-            case 1: q8_0_outputs(x, q, d, bias, y, K, N, n0, n1, 1); break;
-            case 2: q8_0_outputs(x, q, d, bias, y, K, N, n0, n1, 2); break;
-            case 3: q8_0_outputs(x, q, d, bias, y, K, N, n0, n1, 3); break;
-            case 4: q8_0_outputs(x, q, d, bias, y, K, N, n0, n1, 4); break;
-            case 5: q8_0_outputs(x, q, d, bias, y, K, N, n0, n1, 5); break;
-            case 6: q8_0_outputs(x, q, d, bias, y, K, N, n0, n1, 6); break;
-            case 7: q8_0_outputs(x, q, d, bias, y, K, N, n0, n1, 7); break;
-            default: q8_0_outputs(x, q, d, bias, y, K, N, n0, n1, 8);
+        for (int64_t n = n0; n < n1; n++) {
+            const int8_t *qn = q + n * K;
+            const uint16_t *dn = d + n * (K / 32);
+            const float b = bias ? bias[n] : 0.0f;
+            /* the rows 8 at a time while this output's weight row is in L1 */
+            for (int64_t r0 = 0; r0 < R; r0 += Q8_0_CHUNK_ROWS) {
+                const float *xr = x + r0 * K;
+                float *yr = y + r0 * N;
+                switch (R - r0 < Q8_0_CHUNK_ROWS ? R - r0 : Q8_0_CHUNK_ROWS) {
+                    case 1: q8_0_output(xr, qn, dn, b, yr, K, N, n, 1); break;
+                    case 2: q8_0_output(xr, qn, dn, b, yr, K, N, n, 2); break;
+                    case 3: q8_0_output(xr, qn, dn, b, yr, K, N, n, 3); break;
+                    case 4: q8_0_output(xr, qn, dn, b, yr, K, N, n, 4); break;
+                    case 5: q8_0_output(xr, qn, dn, b, yr, K, N, n, 5); break;
+                    case 6: q8_0_output(xr, qn, dn, b, yr, K, N, n, 6); break;
+                    case 7: q8_0_output(xr, qn, dn, b, yr, K, N, n, 7); break;
+                    default: q8_0_output(xr, qn, dn, b, yr, K, N, n, 8);
+                }
+            }
         }
     }
     return 0;
