@@ -35,6 +35,24 @@ def test_onednn_path_matches_float64(rows, column_major, with_bias):
 
 
 @needs_onednn
+def test_onednn_sees_row_counts_in_buckets(monkeypatch):
+    """Prompts of every length reach oneDNN as a bounded set of shapes (it keeps a primitive per shape): row
+    counts above one bucket are padded with zero rows, and the padding never reaches the output."""
+    seen = []
+    original = linear_op._ONEDNN_LINEAR
+    monkeypatch.setattr(linear_op, "_ONEDNN_LINEAR", lambda x, *a: seen.append(x.shape[0]) or original(x, *a))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1 << 11, 1 << 9, generator=g)
+    for rows in (65, 100, 127, 128, 129, 200, 1000):
+        x = torch.randn(rows, w.shape[1], generator=g)
+        y = linear(x, w)
+        assert y.shape == (rows, w.shape[0])
+        ref = _reference(x, w, None)
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert seen == [128, 128, 128, 128, 192, 256, 1024]
+
+
+@needs_onednn
 def test_non_contiguous_input_and_batched_small_weight():
     w = torch.randn(256, 512)  # 128K elements: oneDNN only from ONEDNN_MIN_ROWS rows on
     x_few = torch.randn(4, 512)
