@@ -103,6 +103,10 @@ def prefill_flops(model, length: int) -> float:
     return flops
 
 
+def median(values: list[float]) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
+
+
 # ---- hylm ----------------------------------------------------------------------------------------------
 def hylm_prefill(model, length: int) -> float:
     eng = LLMEngine(model, EngineConfig(max_num_seqs=1, max_model_len=length + 8, max_num_batched_tokens=4096))
@@ -310,7 +314,6 @@ def main() -> None:
                 runs_m.append(m)
             if hf:
                 runs_t.append(hf_fn(hf, *fn_args))
-        median = (lambda v: sorted(v)[len(v) // 2] if v else None)
         return (median(runs_h), median(runs_m)), median(runs_t)
 
     for n in contexts:
@@ -327,7 +330,6 @@ def main() -> None:
 
     q8_rows: dict[str, float] = {}
     if q8_model is not None:
-        median = (lambda v: sorted(v)[len(v) // 2])
         hylm_prefill(q8_model, 256)  # warm-up
         for n in contexts:
             q8_rows[f"prefill {n} tok/s"] = median([hylm_prefill(q8_model, n) for _ in range(args.repeats)])

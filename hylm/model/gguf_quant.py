@@ -27,8 +27,9 @@ from .linear import Linear
 from .moe import Experts
 
 Q8_0_BLOCK = 32
-native_enabled = True  # tests and benchmarks flip this to compare with the tiled PyTorch path
 Q8_0_BLOCK_BYTES = 2 + Q8_0_BLOCK  # fp16 scale + 32 int8 values
+native_enabled = True  # tests and benchmarks flip this to compare with the tiled PyTorch path
+NATIVE_MAX_ROWS = 64  # Q8_0_MAX_ROWS in hylm/ops/csrc/q8_0_rows.c
 
 
 def q8_0_split_blocks(raw: np.ndarray, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,17 +85,20 @@ def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return y.reshape(*lead, out_f).to(x.dtype)
 
 
-NATIVE_MAX_ROWS = 64  # Q8_0_MAX_ROWS in hylm/ops/csrc/q8_0_rows.c
+def _native_rows_ok(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """x (and the other inputs given) can go to a native Q8_0 kernel: 1..NATIVE_MAX_ROWS rows on the CPU, a
+    float dtype, nothing autograd must differentiate."""
+    rows = x.numel() // max(1, x.shape[-1])
+    tensors = [t for t in (x, *others) if t is not None]
+    return (native_enabled and 1 <= rows <= NATIVE_MAX_ROWS
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and all(t.device.type == "cpu" for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) and native.available())
 
 
 def _native_q8_0_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    rows = x.numel() // max(1, x.shape[-1])
-    return (native_enabled and x.device.type == "cpu" and qweight.device.type == "cpu" and 1 <= rows <= NATIVE_MAX_ROWS
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and qweight.dtype == torch.int8
-            and scales.dtype == torch.float16 and qweight.is_contiguous() and scales.is_contiguous()
-            and (bias is None or bias.device.type == "cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
-            and native.available())
+    return (qweight.dtype == torch.int8 and scales.dtype == torch.float16 and qweight.is_contiguous()
+            and scales.is_contiguous() and _native_rows_ok(x, qweight, bias))
 
 
 class Q8_0Linear(nn.Module):
@@ -179,15 +183,12 @@ class Q8_0Experts(nn.Module):
         return out.to(x.dtype)
 
     def _native_ok(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> bool:
-        rows = x.shape[0] if x.dim() == 2 else 0
-        return (native_enabled and all(self.packed.values()) and x.device.type == "cpu" and 1 <= rows <= NATIVE_MAX_ROWS
-                and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and ids.dtype == torch.int64
-                and not (torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad))
-                and native.available())
+        return (all(self.packed.values()) and x.dim() == 2 and ids.dtype == torch.int64
+                and _native_rows_ok(x, weights, ids))
 
     def _native(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Decode batches (up to 64 tokens): every routed expert of every token in one native call that reads each chosen
-        expert's packed rows once (hylm_q8_0_experts_rows); the PyTorch path loops over the experts."""
+        """Decode batches (up to 64 tokens): every routed expert of every token in one native call that reads each
+        chosen expert's packed rows once (hylm_q8_0_experts_rows); the PyTorch path loops over the experts."""
         rows, k = ids.shape
         xs = x.float().contiguous()  # [R, D]
         ids_c, w = ids.contiguous(), weights.float().contiguous()  # [R, k]

@@ -9,10 +9,6 @@ from ..ops.moe import relu_square
 from .linear import Linear
 
 
-def relu2(x: torch.Tensor) -> torch.Tensor:
-    return torch.relu(x).square()
-
-
 class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()

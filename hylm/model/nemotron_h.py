@@ -78,5 +78,4 @@ class NemotronHModel(nn.Module):
         return logits.view(b, t, -1)
 
     def new_cache(self, batch_size: int) -> ContiguousCache:
-        p = self._dense_weight()
-        return ContiguousCache(self.config, batch_size, dtype=p.dtype, device=p.device)
+        return ContiguousCache(self.config, batch_size, dtype=self.dtype, device=self.device)

@@ -43,9 +43,10 @@ except (AttributeError, RuntimeError):  # a build without oneDNN
 NATIVE_MAX_ROWS = 8
 NATIVE_MIN_WEIGHT = 1 << 15
 NATIVE_MAX_WEIGHT = 1 << 20
-# Column-major weights of any larger size take the native kernels too: for up to 8 rows those kernels read such a weight in
-# streaming order (rows.h), which holds DRAM bandwidth where oneDNN does not (an lm_head, [1, 512] x [512, 32000]:
-# 1.9 vs 2.6 ms here; in an engine decode step of benchmarks/bench_cpu.py's model 5.7 vs 6.3 ms per token).
+# Column-major weights of any larger size take the native kernels too: for up to 8 rows those kernels read such a
+# weight in streaming order (rows.h), which holds DRAM bandwidth where oneDNN does not (an lm_head, [1, 512] x
+# [512, 32000]: 1.9 vs 2.6 ms here; in an engine decode step of benchmarks/bench_cpu.py's model 5.7 vs 6.3 ms per
+# token).
 
 enabled = True  # benchmarks flip this to measure the difference in one process
 

@@ -184,8 +184,7 @@ static inline void rows_stream_block(const float *x, const float *Wt, float *y, 
  * runs faster as tiles, which keep their sums in registers over all of K (hylm-tiny's [192 -> 2048], 2 rows: 27
  * vs 43 us); inside a forward each weight comes from L3 or DRAM (the A/B run of benchmarks/bench_speculative.py:
  * 789 vs 695 tok/s plain, 787 vs 695 speculative, medians of 4). */
-static inline int rows_streams(int transposed, int64_t R, int64_t K, int64_t N) {
-    (void)K;
+static inline int rows_streams(int transposed, int64_t R, int64_t N) {
     return transposed && N >= ROWS_STREAM_MIN_OUTPUTS && R <= ROWS_STREAM_MAX_ROWS;
 }
 
@@ -204,7 +203,7 @@ static inline void rows_stream(const float *x, const float *Wt, float *y, int64_
  * Orphaned worksharing: see the top of this file. */
 static inline void rows_product(const float *x, const float *W, int transposed, float *y, int64_t R, int64_t K,
                                 int64_t N) {
-    if (rows_streams(transposed, R, K, N)) {
+    if (rows_streams(transposed, R, N)) {
         rows_stream(x, W, y, R, K, N);
         return;
     }

@@ -27,7 +27,7 @@ static inline v8 sum_lanes8(const v8 *a) {
 
 /* e^x lane by lane: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (error < 2e-7
  * relative), 2^n through the exponent bits. Inputs are clamped to [-87.3, 88.3]: results underflow to ~1e-38
- * (not to 0) and never overflow, which the SiLU and softplus that use it absorb. */
+ * (not to 0) and never overflow, which the SiLU that uses it (mamba_step.c) absorbs. */
 static inline v8 exp8(v8 x) {
     const v8 hi = {88.3f, 88.3f, 88.3f, 88.3f, 88.3f, 88.3f, 88.3f, 88.3f};
     const v8 lo = {-87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f};
