@@ -184,7 +184,7 @@ def count_calls(monkeypatch) -> list[str]:
 
     for cls, name in ((moe_ops.NativeMoE, "moe"), (decode_blocks.NativeAttention, "attention"),
                       (NativeMambaBlock, "mamba")):
-        monkeypatch.setattr(cls, "__call__", counting(cls.__call__, name))
+        monkeypatch.setattr(cls, "run", counting(cls.run, name))
     return calls
 
 
@@ -268,3 +268,59 @@ def test_engine_outputs_with_and_without_native_blocks(monkeypatch, spec):
     without = run()
     assert not calls
     assert_runs_agree(with_native, without)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_model_forward_chains_native_blocks_and_follows_parameter_changes(monkeypatch, tokens):
+    """One decode token (or 3 verified tokens with states kept) through the whole model: every block with a native
+    kernel runs it (the MLP block its PyTorch forward in between), hidden states and Mamba states equal the
+    PyTorch paths', and a parameter updated in place or replaced is read by the next forward."""
+    from hylm.engine.engine import EngineConfig, LLMEngine
+    from hylm.engine.sampling_params import SamplingParams
+    from hylm.model import Batch
+    from hylm.model.mamba2 import Mamba2Mixer
+
+    model = tiny_model(seed=5, config=UNGROUPED)  # Mamba, MoE, attention and one MLP block
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=2, max_model_len=64, block_size=4))
+    engine.add_request(random_prompts(1, 9, 10, seed=8)[0], SamplingParams(max_tokens=8))
+    engine.step()  # the prompt
+    r, pool = engine.scheduler.running[0], engine.pool
+    assert pool.reserve(r.slot, r.num_computed + tokens)
+    saved = pool.snapshot(r.slot)
+    ids = torch.tensor([7, 8, 9][:tokens])
+    calls = count_calls(monkeypatch)
+
+    def forward(native: bool):
+        pool.restore(r.slot, saved)
+        monkeypatch.setattr(fused, "enabled", native)
+        batch = Batch([tokens], [r.num_computed], [r.slot], keep_states=[tokens > 1])
+        calls.clear()
+        with torch.inference_mode():
+            hidden = model.hidden_states(ids, batch, pool)
+        kept = {layer: tuple(t.clone() for t in per_seq[0]) for layer, per_seq in batch.saved_states.items()}
+        return hidden, pool.snapshot(r.slot), kept, list(calls)
+
+    def agree(a, b):
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+        for part in (1, 2):
+            assert a[part].keys() == b[part].keys()
+            for layer in a[part]:
+                for x, y in zip(a[part][layer], b[part][layer]):
+                    torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+    kinds = {"M": "mamba", "E": "moe", "*": "attention"}
+    before = forward(True)
+    assert before[3] == [kinds[k] for k in model.config.pattern if k in kinds]
+    assert len(before[2]) == (model.config.pattern.count("M") if tokens > 1 else 0)
+    agree(before, forward(False))
+
+    mamba = next(m for m in model.modules() if isinstance(m, Mamba2Mixer))
+    moe = next(m for m in model.modules() if isinstance(m, moe_model.MoE))
+    for change in (lambda: mamba.A_log.add_(0.5),  # in place, as an optimizer step
+                   lambda: setattr(moe.experts.down_proj, "data", torch.randn_like(moe.experts.down_proj) * 0.3)):
+        with torch.no_grad():
+            change()
+        after = forward(True)
+        assert not torch.allclose(after[0], before[0])
+        agree(after, forward(False))
+        before = after

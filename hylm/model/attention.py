@@ -65,26 +65,29 @@ class Attention(nn.Module):
             return None
         return (norm.weight, *(p.weight for p in projections))
 
-    def fused_block(self, norm: nn.Module, x: torch.Tensor, batch: Batch, state: State | None
-                    ) -> torch.Tensor | None:
-        """x + self(norm(x)) in one native call (k, v stored into the paged cache, every token attending through
-        the paged kernel) where the paged path below would run with an fp32 cache, for a few tokens at
-        inference; else None."""
-        if (type(self).forward is not Attention.forward or state is None or not fused.applicable(x)
-                or x.shape[0] > BLOCK_MAX_ROWS or not native_decode_enabled or type(norm).forward is not RMSNorm.forward
-                or not hasattr(state, "kv_paged_layout") or getattr(state, "kv_dtype", torch.float32) != torch.float32
-                or not _paged_applies(x.shape[0], batch)):
+    def native_block_plan(self, norm: nn.Module):
+        """The prepared native kernel for the whole block x + self(norm(x)) (see fused.py), or None."""
+        if type(self).forward is not Attention.forward or type(norm).forward is not RMSNorm.forward:
             return None
         if not hasattr(self, "_plan_cache"):
             self._plan_cache = fused.PlanCache()
         sources = self._plan_cache.sources(lambda: self._block_sources(norm))
-        plan = self._plan_cache.get(
+        return self._plan_cache.get(
             sources, lambda: prepare_native_attention(*sources[:1], norm.eps, *sources[1:], self.num_heads,
                                                       self.num_kv_heads, self.head_dim, self.scale))
-        if plan is None:
+
+    def native_block_args(self, plan, x: torch.Tensor, out: torch.Tensor, step: fused.NativeStep) -> tuple | None:
+        """The kernel's arguments (k, v stored into the paged cache, every token attending through the paged
+        kernel) where the paged path below would run with an fp32 cache, else None."""
+        state, batch, n = step.state, step.batch, x.shape[0]
+        if (state is None or n > BLOCK_MAX_ROWS or not native_decode_enabled or not hasattr(state, "kv_paged_layout")
+                or getattr(state, "kv_dtype", torch.float32) != torch.float32 or not _paged_applies(n, batch)):
             return None
         k_cache, v_cache, tables, lengths, new_rows, block_size, longest = state.kv_paged_layout(self.layer_idx, batch)
-        return plan(x, k_cache, v_cache, new_rows, tables, lengths, block_size, longest)
+        splits = plan.splits(n, longest)
+        work = step.scratch(("attention", plan.kv_heads, plan.group, plan.head_dim, splits),
+                            lambda: plan.work(n, splits))
+        return plan.args(x, out, k_cache, v_cache, new_rows, tables, lengths, block_size, splits, work)
 
     def forward(self, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:
         """x: [N, D] packed tokens -> [N, D]."""

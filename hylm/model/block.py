@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import ATTENTION, MAMBA, MLP as MLP_KIND, MOE, ModelConfig
+from . import fused
 from .attention import Attention
 from .batch import Batch, State
 from .mamba2 import Mamba2Mixer
@@ -40,10 +41,9 @@ class Block(nn.Module):
         self.reduce_output: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:
-        if self.reduce_output is None and hasattr(self.mixer, "fused_block"):
-            # a few tokens at inference: the whole block in one native call where the mixer has one (None else)
-            out = (self.mixer.fused_block(self.norm, x, batch, state) if self.stateful
-                   else self.mixer.fused_block(self.norm, x))
+        if self.reduce_output is None and fused.applicable(x):
+            # a few tokens at inference: the whole block in one native call where the mixer has one
+            out = fused.run_block(self, fused.block_plan(self), x, batch, state)
             if out is not None:
                 return out
         h = self.norm(x)

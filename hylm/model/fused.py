@@ -7,6 +7,7 @@ layers' PyTorch code, which is also their reference (tests compare both)."""
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable
 
 import torch
@@ -74,3 +75,112 @@ class PlanCache:
         if key != self.key:
             self.plan, self.key = build(), key
         return self.plan
+
+
+class NativeStep:
+    """What the blocks of one few-row forward share: the batch's shape, its slots as a tensor, attention scratch.
+    Blocks bind their kernels' arguments through it (`native_block_args`) before any of them runs; the arguments
+    are addresses, so the step must outlive the calls (it owns the tensors it made for them)."""
+
+    __slots__ = ("batch", "state", "tokens", "keep", "uniform", "_slots", "_work")
+
+    def __init__(self, batch: Any, state: Any):
+        self.batch, self.state = batch, state
+        t = batch.seq_lens[0]
+        keep = bool(batch.keep_states and batch.keep_states[0])
+        self.tokens, self.keep = t, keep
+        # every sequence t new tokens, and the states after every token kept for all of them or for none
+        self.uniform = all(n == t for n in batch.seq_lens) and (
+            not batch.keep_states or all(bool(k) == keep for k in batch.keep_states))
+        self._slots: torch.Tensor | None = None
+        self._work: dict = {}
+
+    def slots(self) -> torch.Tensor:
+        if self._slots is None:
+            self._slots = torch.tensor(self.batch.slots, dtype=torch.int64)  # [B]
+        return self._slots
+
+    def scratch(self, key: Any, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One scratch tensor per key for the whole forward: its blocks run one after another."""
+        t = self._work.get(key)
+        if t is None:
+            t = self._work[key] = make()
+        return t
+
+
+def block_plan(block: torch.nn.Module) -> Any:
+    """The prepared native kernel of a pre-norm block (its mixer's `native_block_plan`), or None."""
+    if getattr(block, "reduce_output", None) is not None:  # a tensor-parallel part: its output is partial
+        return None
+    plan_of = getattr(block.mixer, "native_block_plan", None)
+    return plan_of(block.norm) if plan_of is not None else None
+
+
+def run_block(block: torch.nn.Module, plan: Any, x: torch.Tensor, batch: Any, state: Any) -> torch.Tensor | None:
+    """block(x) in one native call, or None (nothing run) where it has no plan or can't take this batch."""
+    if plan is None or not applicable(x):
+        return None
+    x = x.contiguous()  # [R, D]
+    out = torch.empty_like(x)  # [R, D]
+    step = NativeStep(batch, state)  # holds what the arguments point to (slots, scratch) until the call is done
+    args = block.mixer.native_block_args(plan, x, out, step)
+    if args is None:
+        return None
+    plan.run(args)
+    return out
+
+
+class NativeStack:
+    """A sequence of blocks (the model's layers, the MTP's) run through `run_blocks`, their plans kept between
+    calls while no parameter or buffer of theirs is replaced or updated in place. Checking that costs one pass over
+    their tensors' addresses and versions per forward, instead of a plan lookup per block (~5-20 us each)."""
+
+    __slots__ = ("plans", "key", "epoch", "tensors", "versioned")
+
+    def __init__(self) -> None:
+        self.plans: list | None = None
+        self.key: tuple | None = None
+        self.epoch = -1
+        self.tensors: list = []
+        self.versioned: list = []
+
+    def __deepcopy__(self, memo: dict) -> "NativeStack":
+        return NativeStack()
+
+    def __reduce__(self):
+        return (NativeStack, ())
+
+    def __call__(self, blocks: torch.nn.ModuleList, x: torch.Tensor, batch: Any, state: Any) -> torch.Tensor | None:
+        """x through every block -> the last one's output, or None (nothing run) where x is not a few fp32 rows at
+        inference. Runs of blocks with native kernels are bound first, then run back to back over two ping-pong
+        buffers; a block without one (an MLP, a quantized layer, a batch its kernel can't take) runs its forward."""
+        if not applicable(x):
+            return None
+        if self.epoch != _structure_epoch:
+            self.tensors = [*blocks.parameters(), *blocks.buffers()]
+            self.versioned = [t for t in self.tensors if not t.is_inference()]  # inference tensors keep no version
+            self.epoch, self.key = _structure_epoch, None
+        key = (tuple(map(torch.Tensor.data_ptr, self.tensors)), tuple(map(_version, self.versioned)))
+        if key != self.key:
+            self.plans, self.key = [block_plan(b) for b in blocks], key
+        step = NativeStep(batch, state)
+        x = x.contiguous()  # [R, D]
+        bufs = (torch.empty_like(x), torch.empty_like(x))
+        calls: list = []
+        for block, plan in zip(blocks, self.plans):
+            dst = bufs[len(calls) % 2]  # never the pending call's input: that is the other buffer or a fresh tensor
+            args = block.mixer.native_block_args(plan, x, dst, step) if plan is not None else None
+            if args is not None:
+                calls.append((plan.run, args, x))  # args hold x's address only: the call keeps it alive
+                x = dst
+                continue
+            for run, pending, _ in calls:
+                run(pending)
+            calls.clear()
+            x = block(x, batch, state)  # a fresh tensor
+        for run, pending, _ in calls:
+            run(pending)
+        return x
+
+
+_version = operator.attrgetter("_version")

@@ -66,36 +66,33 @@ class Mamba2Mixer(nn.Module):
                                           A_log, D, (self.dt_min, self.dt_max), gnorm_weight, self.norm.eps,
                                           self.num_heads, self.head_dim, self.n_groups, self.state_size)
 
-    def fused_block(self, norm: nn.Module, x: torch.Tensor, batch: Batch, state: State | None
-                    ) -> torch.Tensor | None:
-        """x + self(norm(x)) in one native call where the fused step would run for every sequence (one decode
-        token each, or the same number of verified tokens each with states kept), for a few tokens at inference;
-        else None."""
-        if type(self).forward is not Mamba2Mixer.forward or state is None or not fused.applicable(x) \
-                or not native_step_enabled:
-            return None
-        t = batch.seq_lens[0]
-        keep = bool(batch.keep_states and batch.keep_states[0])
-        if (any(n != t for n in batch.seq_lens) or (batch.keep_states and any(k != keep for k in batch.keep_states))
-                or not (t == 1 or (keep and t <= NATIVE_MAX_KEEP_TOKENS))):
-            return None
-        if type(norm).forward is not RMSNorm.forward:
-            return None
-        conv_all, ssm_all = state.mamba(self.layer_idx)
-        if not native_step_supported(x, conv_all, ssm_all):
+    def native_block_plan(self, norm: nn.Module):
+        """The prepared native kernel for the whole block x + self(norm(x)) (see fused.py), or None where the
+        mixer or its norm is not the plain module the kernel computes."""
+        if type(self).forward is not Mamba2Mixer.forward or type(norm).forward is not RMSNorm.forward:
             return None
         if not hasattr(self, "_plan_cache"):
             self._plan_cache = fused.PlanCache()
         sources = self._plan_cache.sources(lambda: self._block_sources(norm))
-        plan = self._plan_cache.get(sources, lambda: self._prepare_block(norm, *sources))
-        if plan is None:
+        return self._plan_cache.get(sources, lambda: self._prepare_block(norm, *sources))
+
+    def native_block_args(self, plan, x: torch.Tensor, out: torch.Tensor, step: fused.NativeStep) -> tuple | None:
+        """The kernel's arguments where the fused step would run for every sequence of the batch (one decode token
+        each, or the same number of verified tokens each with states kept), else None. Sequences without context
+        start from zeroed states; kept states are registered in batch.saved_states (filled when the kernel runs)."""
+        t, keep, state, batch = step.tokens, step.keep, step.state, step.batch
+        if (state is None or not native_step_enabled or not step.uniform
+                or not (t == 1 or (keep and t <= NATIVE_MAX_KEEP_TOKENS))):
             return None
-        seqs = list(range(batch.num_seqs))
-        slots = torch.tensor(self._reset_fresh(seqs, batch, conv_all, ssm_all), dtype=torch.int64)
-        out, convs, ssms = plan(x, conv_all, ssm_all, slots, t, keep)
+        conv_all, ssm_all = state.mamba(self.layer_idx)
+        if not native_step_supported(x, conv_all, ssm_all):
+            return None
+        seqs = range(batch.num_seqs)
+        self._reset_fresh(seqs, batch, conv_all, ssm_all)
+        conv_after, ssm_after = plan.kept_states(batch.num_seqs, t) if keep else (None, None)
         if keep:
-            self._keep_states(seqs, batch, convs, ssms)
-        return out
+            self._keep_states(seqs, batch, conv_after, ssm_after)
+        return plan.args(x, out, conv_all, ssm_all, step.slots(), t, conv_after, ssm_after)
 
     def forward(self, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:
         """x: [N, D] packed tokens -> [N, D]."""

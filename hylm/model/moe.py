@@ -87,12 +87,15 @@ class MoE(nn.Module):
 
         return cache.get(sources, build)
 
-    def fused_block(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """x + self(norm(x)) in one native call for a few fp32 tokens at inference, else None."""
-        if not fused.applicable(x) or type(norm).forward is not RMSNorm.forward:
+    def native_block_plan(self, norm: nn.Module):
+        """The prepared native kernel for the whole block x + self(norm(x)) (see fused.py), or None."""
+        if type(norm).forward is not RMSNorm.forward:
             return None
-        plan = self._plan(norm, norm.eps)
-        return plan(x, residual=True) if plan is not None else None
+        return self._plan(norm, norm.eps)
+
+    @staticmethod
+    def native_block_args(plan, x: torch.Tensor, out: torch.Tensor, step: fused.NativeStep) -> tuple:
+        return plan.args(x, out, True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, D] -> [N, D]."""

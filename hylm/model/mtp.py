@@ -9,6 +9,7 @@ from torch import nn
 from ..config import ModelConfig
 from .batch import Batch, State
 from .block import Block
+from .fused import NativeStack
 from .linear import Linear
 from .norm import RMSNorm
 
@@ -33,12 +34,16 @@ class MTP(nn.Module):
         self.layers = nn.ModuleList(
             MTPLayer(config, kind, first_layer_id + j, first=j == 0, last=j == n - 1)
             for j, kind in enumerate(config.mtp_pattern))
+        self._native_layers = NativeStack()
 
     def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, batch: Batch, state: State | None
                 ) -> torch.Tensor:
         """token_embeds, hidden: [N, D] -> the draft hidden state [N, D] (after final_layernorm)."""
         first = self.layers[0]
         x = first.eh_proj(torch.cat([first.enorm(token_embeds), first.hnorm(hidden)], dim=-1))  # [N, D]
-        for layer in self.layers:
-            x = layer(x, batch, state)
-        return self.layers[-1].final_layernorm(x)
+        out = self._native_layers(self.layers, x, batch, state)
+        if out is None:
+            for layer in self.layers:
+                x = layer(x, batch, state)
+            out = x
+        return self.layers[-1].final_layernorm(out)

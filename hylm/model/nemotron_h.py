@@ -9,6 +9,7 @@ from ..config import ModelConfig
 from .batch import Batch, State
 from .block import Block
 from .cache import ContiguousCache
+from .fused import NativeStack
 from .linear import Linear
 from .mtp import MTP
 from .norm import RMSNorm
@@ -28,6 +29,7 @@ class NemotronHModel(nn.Module):
         self.model.norm_f = RMSNorm(c.hidden_size, c.layer_norm_epsilon)
         self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
         self.mtp = MTP(c, first_layer_id=c.num_hidden_layers) if c.num_nextn_predict_layers > 0 else None
+        self._native_layers = NativeStack()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -47,9 +49,12 @@ class NemotronHModel(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, batch: Batch, state: State | None = None) -> torch.Tensor:
         """input_ids [N] packed -> final hidden states [N, D] after norm_f."""
         x = self.model.embeddings(input_ids)  # [N, D]
-        for layer in self.model.layers:
-            x = layer(x, batch, state)
-        return self.model.norm_f(x)
+        out = self._native_layers(self.model.layers, x, batch, state)  # a few tokens: all blocks' kernels in a row
+        if out is None:
+            for layer in self.model.layers:
+                x = layer(x, batch, state)
+            out = x
+        return self.model.norm_f(out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

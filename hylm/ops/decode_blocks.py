@@ -55,16 +55,33 @@ class NativeAttention:
         """x [N, D] fp32, one entry per new token: new_rows [N] its cache row, tables [N, w] its sequence's
         blocks, lengths [N] the positions it sees (its own last); caches [Hkv, R, hd] fp32 contiguous. -> [N, D]"""
         x = x.contiguous()  # [N, D]
-        n = x.shape[0]
         out = torch.empty_like(x)  # [N, D]
-        splits = _splits(n, self.kv_heads, longest)
-        work = torch.empty(n * self.kv_heads * splits * (self.group * self.head_dim + 2 * self.group))
-        rc = self._kernel(x.data_ptr(), n, x.shape[1], *self._weights, k_cache.data_ptr(), v_cache.data_ptr(),
-                          k_cache.shape[1], new_rows.data_ptr(), tables.data_ptr(), tables.shape[1],
-                          lengths.data_ptr(), block_size, self.scale, splits, work.data_ptr(), out.data_ptr())
-        if rc != 0:
-            raise RuntimeError(f"native attention block refused {n} tokens (code {rc})")
+        splits = self.splits(x.shape[0], longest)
+        work = self.work(x.shape[0], splits)
+        self.run(self.args(x, out, k_cache, v_cache, new_rows, tables, lengths, block_size, splits, work))
         return out
+
+    def splits(self, n: int, longest: int) -> int:
+        """Ranges each (token, KV head) splits its positions into (see paged_attention._splits)."""
+        return _splits(n, self.kv_heads, longest)
+
+    def work(self, n: int, splits: int) -> torch.Tensor:
+        """Scratch for n tokens in `splits` ranges each (a forward's attention blocks of one shape can share it)."""
+        return torch.empty(n * self.kv_heads * splits * (self.group * self.head_dim + 2 * self.group))
+
+    def args(self, x: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             new_rows: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor, block_size: int, splits: int,
+             work: torch.Tensor) -> tuple:
+        """The kernel's arguments for `__call__`'s inputs (x contiguous, out [N, D] not x, work from `work`), for
+        `run`."""
+        return (x.data_ptr(), x.shape[0], x.shape[1], *self._weights, k_cache.data_ptr(), v_cache.data_ptr(),
+                k_cache.shape[1], new_rows.data_ptr(), tables.data_ptr(), tables.shape[1], lengths.data_ptr(),
+                block_size, self.scale, splits, work.data_ptr(), out.data_ptr())
+
+    def run(self, args: tuple) -> None:
+        rc = self._kernel(*args)
+        if rc != 0:
+            raise RuntimeError(f"native attention block refused {args[1]} tokens (code {rc})")
 
 
 def prepare_native_attention(norm_weight: torch.Tensor, eps: float, wq: torch.Tensor, wk: torch.Tensor,

@@ -95,18 +95,31 @@ class NativeMambaBlock:
         [b] int64 distinct -> (out [b * tokens, D], and with keep_states the states after each token, conv
         [b, tokens, C, K-1] and ssm [b, tokens, H, P, N], else None, None)."""
         x = x.contiguous()  # [R, D]
-        b = slots.shape[0]
         out = torch.empty_like(x)  # [R, D]
-        conv_after = torch.empty(b, tokens, self.conv_dim, self.kernel - 1) if keep_states else None
-        ssm_after = torch.empty(b, tokens, self.heads, self.head_dim, self.state_size) if keep_states else None
-        rc = self._kernel(x.data_ptr(), x.shape[0], x.shape[1], *self._weights, conv_pool.data_ptr(), *self._constants,
-                          ssm_pool.data_ptr(), slots.data_ptr(), b, tokens, self.conv_dim, self.heads, self.head_dim,
-                          self._groups, self.state_size, *self._norm,
-                          conv_after.data_ptr() if keep_states else None, ssm_after.data_ptr() if keep_states else None,
-                          out.data_ptr())
-        if rc != 0:
-            raise RuntimeError(f"native Mamba block refused {b} x {tokens} tokens (code {rc})")
+        conv_after, ssm_after = self.kept_states(slots.shape[0], tokens) if keep_states else (None, None)
+        self.run(self.args(x, out, conv_pool, ssm_pool, slots, tokens, conv_after, ssm_after))
         return out, conv_after, ssm_after
+
+    def kept_states(self, b: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room for the states after every token: conv [b, tokens, C, K-1], ssm [b, tokens, H, P, N]."""
+        return (torch.empty(b, tokens, self.conv_dim, self.kernel - 1),
+                torch.empty(b, tokens, self.heads, self.head_dim, self.state_size))
+
+    def args(self, x: torch.Tensor, out: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor,
+             slots: torch.Tensor, tokens: int, conv_after: torch.Tensor | None, ssm_after: torch.Tensor | None
+             ) -> tuple:
+        """The kernel's arguments for `__call__`'s inputs (x contiguous, out [R, D] not x), for `run`: a forward
+        of several blocks binds them all before it runs any."""
+        return (x.data_ptr(), x.shape[0], x.shape[1], *self._weights, conv_pool.data_ptr(), *self._constants,
+                ssm_pool.data_ptr(), slots.data_ptr(), slots.shape[0], tokens, self.conv_dim, self.heads,
+                self.head_dim, self._groups, self.state_size, *self._norm,
+                conv_after.data_ptr() if conv_after is not None else None,
+                ssm_after.data_ptr() if ssm_after is not None else None, out.data_ptr())
+
+    def run(self, args: tuple) -> None:
+        rc = self._kernel(*args)
+        if rc != 0:
+            raise RuntimeError(f"native Mamba block refused {args[1]} rows, {args[-12]} tokens per sequence (code {rc})")
 
 
 def prepare_native_mamba_block(norm_weight: torch.Tensor, eps: float, in_proj: torch.Tensor, out_proj: torch.Tensor,

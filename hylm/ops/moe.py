@@ -229,10 +229,17 @@ class NativeMoE:
         """x [R, D] fp32 (R <= NATIVE_MAX_ROWS) -> [R, D]; residual adds x to the output."""
         x = x.contiguous()  # [R, D]
         out = torch.empty_like(x)  # [R, D]
-        rc = self._kernel(x.data_ptr(), x.shape[0], x.shape[1], *self._middle, int(residual), out.data_ptr())
-        if rc != 0:
-            raise RuntimeError(f"native MoE kernel refused rows={x.shape[0]}, {self._shape} (code {rc})")
+        self.run(self.args(x, out, residual))
         return out
+
+    def args(self, x: torch.Tensor, out: torch.Tensor, residual: bool) -> tuple:
+        """The kernel's arguments (x contiguous, out [R, D]), for `run`."""
+        return (x.data_ptr(), x.shape[0], x.shape[1], *self._middle, int(residual), out.data_ptr())
+
+    def run(self, args: tuple) -> None:
+        rc = self._kernel(*args)
+        if rc != 0:
+            raise RuntimeError(f"native MoE kernel refused rows={args[1]}, {self._shape} (code {rc})")
 
 
 def prepare_native_moe(router: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int, normalize: bool,
