@@ -6,8 +6,10 @@
 Prompts are held-out curriculum conversations (seeds >= 10**9, never trained on) of the tasks that produce
 long answers (reasoned arithmetic, tool calls, list tasks). For each batch size the same prompts run through
 an engine without speculation and one with K MTP drafts per step; greedy outputs must be identical (checked).
-Prints output tok/s, the speedup, the draft acceptance rate and the mean tokens per verification step, and
-the decode roofline fraction of the plain run (weights read once per step over measured memory bandwidth).
+Prints output tok/s and the speedup end to end (prompts' prefill included), the decode speedup (time per output
+token after each request's first, as a user streaming the answer sees it: plain over speculative), the draft
+acceptance rate and the mean tokens per verification step, and the decode roofline fraction of the plain run
+(weights read once per step over measured memory bandwidth).
 With --repeats N the plain and speculative runs alternate N times and the row shows the median run (and the
 range of the speedups); a speculative output that differs from the plain one stops the benchmark.
 """
@@ -53,13 +55,22 @@ def run(model, prompts: list[list[int]], batch: int, k: int, max_tokens: int, st
                                            enable_prefix_caching=False))
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_token_ids=stop)
     outputs: dict[int, list[int]] = {}
+    first: dict[str, float] = {}  # request -> when its first token came out
+    decode = 0.0  # summed over requests: first token to last (the prompt's prefill excluded)
     t = time.perf_counter()
     ids = [engine.add_request(p, params) for p in prompts]
     while engine.has_unfinished():
-        for out in engine.step():
+        outs = engine.step()
+        now = time.perf_counter()
+        for out in outs:
             outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+            first.setdefault(out.request_id, now)
+            if out.finished:
+                decode += now - first[out.request_id]
     seconds = time.perf_counter() - t
-    return [outputs.get(i, []) for i in ids], seconds, engine.metrics
+    outs = [outputs.get(i, []) for i in ids]
+    decoded = sum(len(o) - 1 for o in outs)  # tokens after each request's first
+    return outs, seconds, engine.metrics, decode / max(1, decoded)
 
 
 def main() -> None:
@@ -85,30 +96,33 @@ def main() -> None:
     print(f"# {model_dir.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
           f"{torch.get_num_threads()} threads, read bandwidth {bw / 1e9:.1f} GB/s")
     print(f"# prompts: held-out {', '.join(TASKS)}; greedy; max_tokens {args.max_tokens}")
-    print("| batch | K | plain tok/s | spec tok/s | speedup | acceptance | tokens/step | identical | "
+    print("| batch | K | plain tok/s | spec tok/s | speedup | decode speedup | acceptance | tokens/step | identical | "
           "plain roofline frac |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     run(model, held_out_prompts(model_dir, 2), 2, 0, 16, stop)  # warm-up: allocator, thread pool
     for batch in [int(b) for b in args.batch.split(",")]:
         prompts = held_out_prompts(model_dir, max(args.prompts, batch))
         for k in [int(x) for x in args.k.split(",")]:
-            rows = []  # (plain seconds, spec seconds) per repeat, run back to back
+            rows = []  # (plain seconds, spec seconds, plain / spec time per decoded token) per repeat, back to back
             for rep in range(max(1, args.repeats)):
-                plain, t_plain, _ = run(model, prompts, batch, 0, args.max_tokens, stop)
-                spec, t_spec, m_spec = run(model, prompts, batch, k, args.max_tokens, stop)
+                plain, t_plain, _, tpot_plain = run(model, prompts, batch, 0, args.max_tokens, stop)
+                spec, t_spec, m_spec, tpot_spec = run(model, prompts, batch, k, args.max_tokens, stop)
                 if spec != plain:
                     raise SystemExit(f"batch {batch} K={k}: speculative output differs from plain decoding")
-                rows.append((t_plain, t_spec))
+                rows.append((t_plain, t_spec, tpot_plain / tpot_spec))
                 if args.repeats > 1:
                     print(f"#   batch {batch} K={k} run {rep + 1}: plain {t_plain:.2f} s, spec {t_spec:.2f} s, "
-                          f"speedup {t_plain / t_spec:.2f}x", flush=True)
+                          f"speedup {t_plain / t_spec:.2f}x, decode {tpot_plain / tpot_spec:.2f}x", flush=True)
             n_tokens = sum(len(o) for o in plain)
-            speedups = sorted(tp / ts for tp, ts in rows)
-            t_plain, t_spec = sorted(rows, key=lambda r: r[0] / r[1])[len(rows) // 2]  # the median run
+            speedups = sorted(r[0] / r[1] for r in rows)
+            t_plain, t_spec, decode_speedup = sorted(rows, key=lambda r: r[0] / r[1])[len(rows) // 2]  # median run
+            decode_speedups = sorted(r[2] for r in rows)
             # each plain decode step reads the active weights once for the whole batch
             roofline_tok_s = bw / weight_bytes * min(batch, len(prompts))
             print(f"| {batch} | {k} | {n_tokens / t_plain:.1f} | {n_tokens / t_spec:.1f} | {t_plain / t_spec:.2f}x"
                   + (f" (runs {speedups[0]:.2f}-{speedups[-1]:.2f}x)" if len(rows) > 1 else "")
+                  + f" | {decode_speedups[len(rows) // 2]:.2f}x"
+                  + (f" ({decode_speedups[0]:.2f}-{decode_speedups[-1]:.2f}x)" if len(rows) > 1 else "")
                   + f" | {m_spec.spec_acceptance_rate:.2f} | {m_spec.spec_mean_accepted_length:.2f} | yes | "
                   f"{n_tokens / t_plain / roofline_tok_s:.2f} |", flush=True)
 
