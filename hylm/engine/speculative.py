@@ -41,21 +41,23 @@ def _pick(probs: torch.Tensor, params: SamplingParams, gen: torch.Generator | No
 
 
 @torch.inference_mode()
-def catch_up(model, pool, reqs: list[Request], ends: list[int]) -> tuple[torch.Tensor, Batch]:
+def catch_up(model, pool, reqs: list[Request], ends: list[int], last_only: bool = False) -> torch.Tensor:
     """Feed the MTP positions r.mtp_computed..end of each request (each with its target hidden state, the
     first rows of r.mtp_hidden, and the token after it, which must be known). Rows not consumed stay in
-    r.mtp_hidden. Returns the MTP's outputs [sum of lengths, D] and their batch."""
+    r.mtp_hidden. Returns the MTP's outputs [sum of lengths, D], or with last_only each request's last one
+    [R, D] (the MTP's blocks after its attention then run on those rows alone)."""
     lens = [e - r.mtp_computed for r, e in zip(reqs, ends)]
     tokens = torch.tensor([t for r, e in zip(reqs, ends) for t in r.token_ids[r.mtp_computed + 1: e + 1]],
                           device=model.device)
     pending = [torch.cat(r.mtp_hidden) if len(r.mtp_hidden) > 1 else r.mtp_hidden[0] for r in reqs]  # [>= n, D]
     hidden = torch.cat([p[:n] for p, n in zip(pending, lens)])  # [sum(lens), D]
     batch = Batch(lens, [r.mtp_computed for r in reqs], [r.slot for r in reqs])
-    h = model.mtp(model.model.embeddings(tokens), hidden, batch, pool)  # [sum(lens), D]
+    h = model.mtp(model.model.embeddings(tokens), hidden, batch, pool,
+                  rows=batch.last_token_rows() if last_only else None)  # [sum(lens) or R, D]
     for r, p, n, e in zip(reqs, pending, lens, ends):
         r.mtp_computed = e
         r.mtp_hidden = [p[n:].clone()] if p.shape[0] > n else []  # a copy: frees the step's hidden states
-    return h, batch
+    return h
 
 
 def catch_up_prefill(model, pool, reqs: list[Request]) -> None:
@@ -65,7 +67,7 @@ def catch_up_prefill(model, pool, reqs: list[Request]) -> None:
     left, it counts as decoding)."""
     ready = [r for r in reqs if r.num_computed - 1 > r.mtp_computed]
     if ready:
-        catch_up(model, pool, ready, [r.num_computed - 1 for r in ready])
+        catch_up(model, pool, ready, [r.num_computed - 1 for r in ready], last_only=True)
 
 
 @torch.inference_mode()
@@ -74,8 +76,9 @@ def draft(model, pool, reqs: list[Request]) -> list[tuple[list[int], list[torch.
     requests: their drafts are argmaxes)."""
     embed = model.model.embeddings
     # 1. catch up: every position the MTP hasn't seen, ending at the last computed one
-    h, batch = catch_up(model, pool, reqs, [r.num_computed for r in reqs])
-    prev = h[batch.last_token_rows()]  # [R, D]
+    prev = catch_up(model, pool, reqs, [r.num_computed for r in reqs], last_only=True)  # [R, D]
+    if all(r.params.greedy for r in reqs):
+        return _draft_greedy(model, pool, reqs, prev)
     drafts: list[tuple[list[int], list[torch.Tensor | None]]] = [([], []) for _ in reqs]
     active = list(range(len(reqs)))
     for step in range(max(r.spec_k for r in reqs)):
@@ -101,6 +104,27 @@ def draft(model, pool, reqs: list[Request]) -> list[tuple[list[int], list[torch.
         prev = model.mtp(embed(toks), prev[rows], batch, pool)
         active = active_next
     return drafts
+
+
+def _draft_greedy(model, pool, reqs: list[Request], prev: torch.Tensor
+                  ) -> list[tuple[list[int], list[torch.Tensor | None]]]:
+    """`draft` where every request is greedy: the drafts stay a tensor until the last step (no sampling to do)."""
+    embed = model.model.embeddings
+    steps = max(r.spec_k for r in reqs)
+    ids = torch.empty(len(reqs), steps, dtype=torch.long)  # [R, steps]
+    active = list(range(len(reqs)))
+    for step in range(steps):
+        ids[active, step] = model.logits(prev).argmax(-1)  # [A]
+        still = [i for i in active if reqs[i].spec_k > step + 1]
+        if not still:
+            break
+        if len(still) < len(active):
+            prev = prev[[active.index(i) for i in still]]
+        batch = Batch([1] * len(still), [reqs[i].num_computed + step for i in still], [reqs[i].slot for i in still])
+        prev = model.mtp(embed(ids[still, step]), prev, batch, pool)  # [A, D]
+        active = still
+    rows = ids.tolist()
+    return [(rows[i][: r.spec_k], [None] * r.spec_k) for i, r in enumerate(reqs)]
 
 
 def accept(r: Request, target_logits: torch.Tensor, drafted: list[int], qs: list[torch.Tensor | None]

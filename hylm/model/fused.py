@@ -8,7 +8,7 @@ layers' PyTorch code, which is also their reference (tests compare both)."""
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.nn.modules import module as _module
@@ -150,14 +150,15 @@ class NativeStack:
     def __reduce__(self):
         return (NativeStack, ())
 
-    def __call__(self, blocks: torch.nn.ModuleList, x: torch.Tensor, batch: Any, state: Any) -> torch.Tensor | None:
+    def __call__(self, blocks: Sequence[torch.nn.Module], x: torch.Tensor, batch: Any, state: Any
+                 ) -> torch.Tensor | None:
         """x through every block -> the last one's output, or None (nothing run) where x is not a few fp32 rows at
         inference. Runs of blocks with native kernels are bound first, then run back to back over two ping-pong
         buffers; a block without one (an MLP, a quantized layer, a batch its kernel can't take) runs its forward."""
         if not applicable(x):
             return None
         if self.epoch != _structure_epoch:
-            self.tensors = [*blocks.parameters(), *blocks.buffers()]
+            self.tensors = [t for b in blocks for t in (*b.parameters(), *b.buffers())]
             self.versioned = [t for t in self.tensors if not t.is_inference()]  # inference tensors keep no version
             self.epoch, self.key = _structure_epoch, None
         key = (tuple(map(torch.Tensor.data_ptr, self.tensors)), tuple(map(_version, self.versioned)))

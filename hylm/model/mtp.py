@@ -34,16 +34,33 @@ class MTP(nn.Module):
         self.layers = nn.ModuleList(
             MTPLayer(config, kind, first_layer_id + j, first=j == 0, last=j == n - 1)
             for j, kind in enumerate(config.mtp_pattern))
-        self._native_layers = NativeStack()
+        # the blocks up to the last stateful one write state for every position; those after it (the MoE of
+        # `*E`) feed only the outputs, and a caller may want only some rows of those
+        stateful = [j for j, layer in enumerate(self.layers) if layer.stateful]
+        cut = stateful[-1] + 1 if stateful else 0
+        self._state_part, self._output_part = list(self.layers[:cut]), list(self.layers[cut:])
+        self._native_state, self._native_output = NativeStack(), NativeStack()
 
-    def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, batch: Batch, state: State | None
-                ) -> torch.Tensor:
-        """token_embeds, hidden: [N, D] -> the draft hidden state [N, D] (after final_layernorm)."""
+    def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, batch: Batch, state: State | None,
+                rows: list[int] | None = None) -> torch.Tensor:
+        """token_embeds, hidden: [N, D] -> the draft hidden states [N, D] (after final_layernorm), or only those
+        of `rows` [len(rows), D]: the blocks after the last attention / Mamba layer run on those rows alone."""
         first = self.layers[0]
         x = first.eh_proj(torch.cat([first.enorm(token_embeds), first.hnorm(hidden)], dim=-1))  # [N, D]
-        out = self._native_layers(self.layers, x, batch, state)
-        if out is None:
-            for layer in self.layers:
-                x = layer(x, batch, state)
-            out = x
-        return self.layers[-1].final_layernorm(out)
+        x = _run(self._native_state, self._state_part, x, batch, state)
+        if rows is not None:
+            x = x[rows]  # [len(rows), D]
+            batch = Batch([1] * len(rows), [0] * len(rows), [0] * len(rows))  # the blocks left keep no state
+        x = _run(self._native_output, self._output_part, x, batch, state)
+        return self.layers[-1].final_layernorm(x)
+
+
+def _run(stack: NativeStack, blocks: list, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:
+    if not blocks:
+        return x
+    out = stack(blocks, x, batch, state)
+    if out is None:
+        for block in blocks:
+            x = block(x, batch, state)
+        out = x
+    return out
