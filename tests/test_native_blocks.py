@@ -324,3 +324,38 @@ def test_model_forward_chains_native_blocks_and_follows_parameter_changes(monkey
         assert not torch.allclose(after[0], before[0])
         agree(after, forward(False))
         before = after
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_native_greedy_drafts_equal_step_by_step_drafts(monkeypatch, k):
+    """The MTP draft loop in one native call (hylm/ops/mtp_draft.py) drafts the same tokens as the step-by-step
+    path through the model's modules, for batches of requests at different positions (its key/value rows and block
+    tables), and the engine's greedy output stays the plain one."""
+    from hylm.engine import speculative
+    from hylm.engine.sampling_params import SamplingParams
+    from hylm.ops import mtp_draft
+
+    model = tiny_model(seed=6, config=dataclasses.replace(UNGROUPED, num_nextn_predict_layers=1, mtp_pattern="*E"))
+    prompts = random_prompts(4, 3, 30, seed=12)
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=0)
+    drafts: list = []
+    original = speculative.draft
+    monkeypatch.setattr(speculative, "draft", lambda *a: drafts.append(original(*a)) or drafts[-1])
+    native_calls = []
+    kernel = mtp_draft.mtp_greedy
+    monkeypatch.setattr("hylm.model.mtp.mtp_greedy", lambda *a: native_calls.append(1) or kernel(*a))
+
+    def run():
+        drafts.clear()
+        out = logprob_runs(model, prompts, params, block_size=4, max_num_batched_tokens=16, max_num_seqs=3,
+                           speculative_tokens=k)
+        return out, [d for step in drafts for d, _ in step]
+
+    native_out, native_drafts = run()
+    assert native_calls
+    monkeypatch.setattr(type(model.mtp), "greedy_drafts", lambda *a: None)
+    stepwise_out, stepwise_drafts = run()
+    assert native_drafts == stepwise_drafts and len(native_drafts) > 10
+    assert_runs_agree(native_out, stepwise_out)
+    assert_runs_agree(native_out, logprob_runs(model, prompts, params, block_size=4, max_num_batched_tokens=16,
+                                               max_num_seqs=3))

@@ -111,6 +111,11 @@ def _draft_greedy(model, pool, reqs: list[Request], prev: torch.Tensor
     """`draft` where every request is greedy: the drafts stay a tensor until the last step (no sampling to do)."""
     embed = model.model.embeddings
     steps = max(r.spec_k for r in reqs)
+    if all(r.spec_k == steps for r in reqs):  # the whole loop in one native call where the MTP block allows
+        ids = model.mtp.greedy_drafts(prev, steps, [r.num_computed for r in reqs], [r.slot for r in reqs], pool,
+                                      embed, model.lm_head)
+        if ids is not None:
+            return [(row, [None] * steps) for row in ids.tolist()]
     ids = torch.empty(len(reqs), steps, dtype=torch.long)  # [R, steps]
     active = list(range(len(reqs)))
     for step in range(steps):

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ATTENTION, MOE, ModelConfig
+from ..ops.mtp_draft import mtp_greedy, native_mtp_greedy_ok
+from . import fused
 from .batch import Batch, State
 from .block import Block
 from .fused import NativeStack
@@ -53,6 +55,38 @@ class MTP(nn.Module):
             batch = Batch([1] * len(rows), [0] * len(rows), [0] * len(rows))  # the blocks left keep no state
         x = _run(self._native_output, self._output_part, x, batch, state)
         return self.layers[-1].final_layernorm(x)
+
+    def greedy_drafts(self, prev: torch.Tensor, steps: int, context_lens: list[int], slots: list[int],
+                      state: State | None, embeddings: nn.Module, head: nn.Module) -> torch.Tensor | None:
+        """Greedy drafts [A, steps] int64 from the MTP's outputs prev [A, D] at each sequence's last position (the
+        first from prev itself, draft s > 0 fed at position context_lens[a] + s - 1 of slot slots[a]) in one native
+        call (hylm/ops/mtp_draft.py), or None where it can't run them: then draft one step at a time."""
+        first, last = self.layers[0], self.layers[-1]
+        if (not fused.applicable(prev) or [layer.kind for layer in self.layers] != [ATTENTION, MOE]
+                or not hasattr(state, "kv_paged_layout") or getattr(state, "kv_dtype", None) != torch.float32
+                or type(embeddings) is not nn.Embedding
+                or any(type(m) not in (nn.Linear, Linear) or m.bias is not None for m in (first.eh_proj, head))
+                or any(type(n).forward is not RMSNorm.forward for n in (first.enorm, first.hnorm, last.final_layernorm))):
+            return None
+        attention, moe = fused.block_plan(first), fused.block_plan(last)
+        norms = (first.enorm.weight, first.hnorm.weight, last.final_layernorm.weight)
+        if attention is None or moe is None or not native_mtp_greedy_ok(prev, embeddings.weight, first.eh_proj.weight,
+                                                                         head.weight, norms):
+            return None
+        a = prev.shape[0]
+        if steps > 1:  # where each later draft's key and value go and what it sees, all steps at once
+            batch = Batch([steps - 1] * a, list(context_lens), list(slots))
+            k_cache, v_cache, tables, lengths, new_rows, block_size, longest = state.kv_paged_layout(
+                first.mixer.layer_idx, batch)
+            new_rows, lengths = new_rows.view(a, steps - 1).t(), lengths.view(a, steps - 1).t()  # [steps - 1, A]
+            tables = tables.view(a, -1, tables.shape[-1])[:, 0]  # [A, width]: one row per sequence
+        else:
+            k_cache, v_cache = state.k[first.mixer.layer_idx], state.v[first.mixer.layer_idx]
+            tables = lengths = new_rows = torch.empty(0, dtype=torch.int64)
+            block_size, longest = 1, 1
+        return mtp_greedy(prev, steps, embeddings.weight, (norms[0], first.enorm.eps), (norms[1], first.hnorm.eps),
+                          first.eh_proj.weight, (norms[2], last.final_layernorm.eps), head.weight, attention, k_cache,
+                          v_cache, new_rows, tables, lengths, block_size, longest, moe)
 
 
 def _run(stack: NativeStack, blocks: list, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:
