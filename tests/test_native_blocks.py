@@ -336,14 +336,25 @@ def test_native_greedy_drafts_equal_step_by_step_drafts(monkeypatch, k):
     from hylm.ops import mtp_draft
 
     model = tiny_model(seed=6, config=dataclasses.replace(UNGROUPED, num_nextn_predict_layers=1, mtp_pattern="*E"))
+    with torch.no_grad():  # as test_speculative's `agreeable`: drafts often accepted, so catch-ups span several rows
+        model.model.embeddings.weight[:, 0] = 3.0
+        for name, p in model.named_parameters():
+            if name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight", "fc2_latent_proj.weight",
+                              "down_proj")) and p.ndim >= 2:
+                (p[..., 0, :] if p.ndim == 3 else p[0]).zero_()
+        model.mtp.layers[0].eh_proj.weight[0] = 0.0
+        model.mtp.layers[0].eh_proj.weight[0, 0] = 1.0
+        model.lm_head.weight[7] = 0.0
+        model.lm_head.weight[7, 0] = 6.0
     prompts = random_prompts(4, 3, 30, seed=12)
     params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=0)
     drafts: list = []
     original = speculative.draft
     monkeypatch.setattr(speculative, "draft", lambda *a: drafts.append(original(*a)) or drafts[-1])
-    native_calls = []
+    native_calls = []  # each native call's catch-up rows per sequence
     kernel = mtp_draft.mtp_greedy
-    monkeypatch.setattr("hylm.model.mtp.mtp_greedy", lambda *a: native_calls.append(1) or kernel(*a))
+    monkeypatch.setattr("hylm.model.mtp.mtp_greedy",
+                        lambda *a: native_calls.append([j - i for i, j in zip(a[2], a[2][1:])]) or kernel(*a))
 
     def run():
         drafts.clear()
@@ -352,10 +363,52 @@ def test_native_greedy_drafts_equal_step_by_step_drafts(monkeypatch, k):
         return out, [d for step in drafts for d, _ in step]
 
     native_out, native_drafts = run()
-    assert native_calls
+    assert max(len(rows) for rows in native_calls) > 1  # several sequences at once
+    assert max(max(rows) for rows in native_calls) > 1 if k > 1 else True  # drafts accepted: longer catch-ups
     monkeypatch.setattr(type(model.mtp), "greedy_drafts", lambda *a: None)
     stepwise_out, stepwise_drafts = run()
     assert native_drafts == stepwise_drafts and len(native_drafts) > 10
     assert_runs_agree(native_out, stepwise_out)
     assert_runs_agree(native_out, logprob_runs(model, prompts, params, block_size=4, max_num_batched_tokens=16,
                                                max_num_seqs=3))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_native_greedy_drafts_match_pytorch_modules(monkeypatch, steps):
+    """The native catch-up + draft loop against the MTP's PyTorch modules step by step (fused kernels off): two
+    sequences catching up over 3 and 2 positions (random hidden states and tokens) at different places of their
+    paged caches, then steps - 1 more drafts each."""
+    from hylm.engine.engine import EngineConfig, LLMEngine
+    from hylm.engine.sampling_params import SamplingParams
+    from hylm.model import Batch
+
+    model = tiny_model(seed=7, config=dataclasses.replace(UNGROUPED, num_nextn_predict_layers=1, mtp_pattern="*E"))
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=2, max_model_len=64, block_size=4, speculative_tokens=3))
+    for prompt in random_prompts(2, 9, 15, seed=3):
+        engine.add_request(prompt, SamplingParams(max_tokens=8))
+    engine.step()  # both prompts
+    pool, reqs = engine.pool, engine.scheduler.running
+    lens = [3, 2]
+    starts = [r.num_computed - n for r, n in zip(reqs, lens)]
+    for r in reqs:
+        assert pool.reserve(r.slot, r.num_computed + steps)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, UNGROUPED.vocab_size, (sum(lens),), generator=g)
+    hidden = torch.randn(sum(lens), UNGROUPED.hidden_size, generator=g)
+    batch = Batch(lens, starts, [r.slot for r in reqs])
+    embed, head = model.model.embeddings, model.lm_head
+    with torch.inference_mode():
+        native_prev = torch.empty(2, UNGROUPED.hidden_size)
+        native = model.mtp.greedy_drafts(tokens, hidden, batch, steps, pool, embed, head, prev_out=native_prev)
+        assert native is not None and native.shape == (2, steps)
+        monkeypatch.setattr(fused, "enabled", False)
+        prev = model.mtp(embed(tokens), hidden, batch, pool, rows=batch.last_token_rows())  # [2, D]
+        reference = []
+        for s in range(steps):
+            ids = model.logits(prev).argmax(-1)  # [2]
+            reference.append(ids)
+            if s + 1 < steps:
+                step = Batch([1, 1], [c + n + s for c, n in zip(starts, lens)], batch.slots)
+                prev = model.mtp(embed(ids), prev, step, pool)
+    assert native.tolist() == torch.stack(reference, 1).tolist()
+    torch.testing.assert_close(native_prev, prev, rtol=1e-5, atol=1e-5)

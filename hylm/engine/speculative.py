@@ -40,23 +40,34 @@ def _pick(probs: torch.Tensor, params: SamplingParams, gen: torch.Generator | No
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-@torch.inference_mode()
-def catch_up(model, pool, reqs: list[Request], ends: list[int], last_only: bool = False) -> torch.Tensor:
-    """Feed the MTP positions r.mtp_computed..end of each request (each with its target hidden state, the
-    first rows of r.mtp_hidden, and the token after it, which must be known). Rows not consumed stay in
-    r.mtp_hidden. Returns the MTP's outputs [sum of lengths, D], or with last_only each request's last one
-    [R, D] (the MTP's blocks after its attention then run on those rows alone)."""
+def _catch_up_rows(model, reqs: list[Request], ends: list[int]) -> tuple[torch.Tensor, torch.Tensor, Batch, list]:
+    """The MTP's inputs for positions r.mtp_computed..end of each request: the tokens after them [N], the target's
+    hidden states there [N, D] (the first rows of r.mtp_hidden), their batch, and each request's pending states."""
     lens = [e - r.mtp_computed for r, e in zip(reqs, ends)]
     tokens = torch.tensor([t for r, e in zip(reqs, ends) for t in r.token_ids[r.mtp_computed + 1: e + 1]],
                           device=model.device)
     pending = [torch.cat(r.mtp_hidden) if len(r.mtp_hidden) > 1 else r.mtp_hidden[0] for r in reqs]  # [>= n, D]
     hidden = torch.cat([p[:n] for p, n in zip(pending, lens)])  # [sum(lens), D]
-    batch = Batch(lens, [r.mtp_computed for r in reqs], [r.slot for r in reqs])
-    h = model.mtp(model.model.embeddings(tokens), hidden, batch, pool,
-                  rows=batch.last_token_rows() if last_only else None)  # [sum(lens) or R, D]
-    for r, p, n, e in zip(reqs, pending, lens, ends):
+    return tokens, hidden, Batch(lens, [r.mtp_computed for r in reqs], [r.slot for r in reqs]), pending
+
+
+def _caught_up(reqs: list[Request], ends: list[int], batch: Batch, pending: list) -> None:
+    """Rows not consumed stay in r.mtp_hidden."""
+    for r, p, n, e in zip(reqs, pending, batch.seq_lens, ends):
         r.mtp_computed = e
         r.mtp_hidden = [p[n:].clone()] if p.shape[0] > n else []  # a copy: frees the step's hidden states
+
+
+@torch.inference_mode()
+def catch_up(model, pool, reqs: list[Request], ends: list[int], last_only: bool = False) -> torch.Tensor:
+    """Feed the MTP positions r.mtp_computed..end of each request (each with its target hidden state, the
+    first rows of r.mtp_hidden, and the token after it, which must be known). Returns the MTP's outputs
+    [sum of lengths, D], or with last_only each request's last one [R, D] (the MTP's blocks after its attention
+    then run on those rows alone)."""
+    tokens, hidden, batch, pending = _catch_up_rows(model, reqs, ends)
+    h = model.mtp(model.model.embeddings(tokens), hidden, batch, pool,
+                  rows=batch.last_token_rows() if last_only else None)  # [sum(lens) or R, D]
+    _caught_up(reqs, ends, batch, pending)
     return h
 
 
@@ -75,8 +86,16 @@ def draft(model, pool, reqs: list[Request]) -> list[tuple[list[int], list[torch.
     """K_r draft tokens per request (r.spec_k) and the distributions they were drawn from (None for greedy
     requests: their drafts are argmaxes)."""
     embed = model.model.embeddings
+    ends = [r.num_computed for r in reqs]
+    steps = max(r.spec_k for r in reqs)
+    if all(r.params.greedy and r.spec_k == steps for r in reqs):  # catch-up and drafts in one native call if it can
+        tokens, hidden, batch, pending = _catch_up_rows(model, reqs, ends)
+        ids = model.mtp.greedy_drafts(tokens, hidden, batch, steps, pool, embed, model.lm_head)
+        if ids is not None:
+            _caught_up(reqs, ends, batch, pending)
+            return [(row, [None] * steps) for row in ids.tolist()]
     # 1. catch up: every position the MTP hasn't seen, ending at the last computed one
-    prev = catch_up(model, pool, reqs, [r.num_computed for r in reqs], last_only=True)  # [R, D]
+    prev = catch_up(model, pool, reqs, ends, last_only=True)  # [R, D]
     if all(r.params.greedy for r in reqs):
         return _draft_greedy(model, pool, reqs, prev)
     drafts: list[tuple[list[int], list[torch.Tensor | None]]] = [([], []) for _ in reqs]
@@ -111,11 +130,6 @@ def _draft_greedy(model, pool, reqs: list[Request], prev: torch.Tensor
     """`draft` where every request is greedy: the drafts stay a tensor until the last step (no sampling to do)."""
     embed = model.model.embeddings
     steps = max(r.spec_k for r in reqs)
-    if all(r.spec_k == steps for r in reqs):  # the whole loop in one native call where the MTP block allows
-        ids = model.mtp.greedy_drafts(prev, steps, [r.num_computed for r in reqs], [r.slot for r in reqs], pool,
-                                      embed, model.lm_head)
-        if ids is not None:
-            return [(row, [None] * steps) for row in ids.tolist()]
     ids = torch.empty(len(reqs), steps, dtype=torch.long)  # [R, steps]
     active = list(range(len(reqs)))
     for step in range(steps):

@@ -56,13 +56,16 @@ class MTP(nn.Module):
         x = _run(self._native_output, self._output_part, x, batch, state)
         return self.layers[-1].final_layernorm(x)
 
-    def greedy_drafts(self, prev: torch.Tensor, steps: int, context_lens: list[int], slots: list[int],
-                      state: State | None, embeddings: nn.Module, head: nn.Module) -> torch.Tensor | None:
-        """Greedy drafts [A, steps] int64 from the MTP's outputs prev [A, D] at each sequence's last position (the
-        first from prev itself, draft s > 0 fed at position context_lens[a] + s - 1 of slot slots[a]) in one native
-        call (hylm/ops/mtp_draft.py), or None where it can't run them: then draft one step at a time."""
+    def greedy_drafts(self, tokens: torch.Tensor, hidden: torch.Tensor, batch: Batch, steps: int,
+                      state: State | None, embeddings: nn.Module, head: nn.Module,
+                      prev_out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Greedy drafts [A, steps] int64 in one native call (hylm/ops/mtp_draft.py), or None where it can't run
+        them (then catch up and draft one step at a time). First the catch-up: the forward over batch (each
+        sequence's positions the MTP has not seen: hidden [N, D] the target's states there, tokens [N] the tokens
+        after them); its last rows give the first drafts, and draft s > 0 is fed at the position s - 1 after a
+        sequence's last. prev_out [A, D], if given, receives the MTP output the last drafts came from."""
         first, last = self.layers[0], self.layers[-1]
-        if (not fused.applicable(prev) or [layer.kind for layer in self.layers] != [ATTENTION, MOE]
+        if (not fused.applicable(hidden) or [layer.kind for layer in self.layers] != [ATTENTION, MOE]
                 or not hasattr(state, "kv_paged_layout") or getattr(state, "kv_dtype", None) != torch.float32
                 or type(embeddings) is not nn.Embedding
                 or any(type(m) not in (nn.Linear, Linear) or m.bias is not None for m in (first.eh_proj, head))
@@ -70,23 +73,24 @@ class MTP(nn.Module):
             return None
         attention, moe = fused.block_plan(first), fused.block_plan(last)
         norms = (first.enorm.weight, first.hnorm.weight, last.final_layernorm.weight)
-        if attention is None or moe is None or not native_mtp_greedy_ok(prev, embeddings.weight, first.eh_proj.weight,
-                                                                         head.weight, norms):
+        if attention is None or moe is None or not native_mtp_greedy_ok(hidden, embeddings.weight,
+                                                                         first.eh_proj.weight, head.weight, norms):
             return None
-        a = prev.shape[0]
-        if steps > 1:  # where each later draft's key and value go and what it sees, all steps at once
-            batch = Batch([steps - 1] * a, list(context_lens), list(slots))
-            k_cache, v_cache, tables, lengths, new_rows, block_size, longest = state.kv_paged_layout(
-                first.mixer.layer_idx, batch)
-            new_rows, lengths = new_rows.view(a, steps - 1).t(), lengths.view(a, steps - 1).t()  # [steps - 1, A]
-            tables = tables.view(a, -1, tables.shape[-1])[:, 0]  # [A, width]: one row per sequence
-        else:
-            k_cache, v_cache = state.k[first.mixer.layer_idx], state.v[first.mixer.layer_idx]
-            tables = lengths = new_rows = torch.empty(0, dtype=torch.int64)
-            block_size, longest = 1, 1
-        return mtp_greedy(prev, steps, embeddings.weight, (norms[0], first.enorm.eps), (norms[1], first.hnorm.eps),
-                          first.eh_proj.weight, (norms[2], last.final_layernorm.eps), head.weight, attention, k_cache,
-                          v_cache, new_rows, tables, lengths, block_size, longest, moe)
+        # the catch-up's positions and the later drafts' follow each other: one layout for both
+        a, lens = batch.num_seqs, batch.seq_lens
+        both = Batch([n + steps - 1 for n in lens], batch.context_lens, batch.slots)
+        k_cache, v_cache, tables, lengths, new_rows, block_size, longest = state.kv_paged_layout(
+            first.mixer.layer_idx, both)
+        starts = both.offsets
+        cu = torch.tensor([starts[i] + j for i in range(a) for j in range(lens[i])])  # [N] catch-up rows of `both`
+        later = torch.tensor([[starts[i] + lens[i] + s for i in range(a)] for s in range(steps - 1)],
+                             dtype=torch.int64).view(steps - 1, a)  # [steps - 1, A]
+        tables = tables.expand(both.num_tokens, -1)  # [T, width] (one row stands for a lone token)
+        return mtp_greedy(tokens, hidden, batch.offsets, steps, embeddings.weight, (norms[0], first.enorm.eps),
+                          (norms[1], first.hnorm.eps), first.eh_proj.weight, (norms[2], last.final_layernorm.eps),
+                          head.weight, attention, k_cache, v_cache, new_rows[cu], tables[cu], lengths[cu],
+                          new_rows[later], tables[torch.tensor(starts[:-1])], lengths[later], block_size, longest, moe,
+                          prev_out)
 
 
 def _run(stack: NativeStack, blocks: list, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:
