@@ -275,15 +275,16 @@ class StatePool:
     def kv_paged_layout(self, layer: int, batch: Batch
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
         """Where the batch's new tokens go in the paged cache and what each reads, one entry per new token:
-        (k_cache, v_cache [Hkv, R, hd], block tables [N, max_blocks] int64 (its sequence's), lengths [N] int64
+        (k_cache, v_cache [Hkv, R, hd], block tables [N, max_blocks] int64 (its sequence's; rows may be one row
+        expanded, stride 0), lengths [N] int64
         (the positions it sees: its own and all before), new_rows [N] int64 (its cache row), block size, the
         longest length). Built once per batch and shared by its layers; stores nothing."""
         if self._paged is None or self._paged[0] is not batch:
             bs = self.block_size
             needed = [math.ceil((c + n) / bs) for c, n in zip(batch.context_lens, batch.seq_lens)]
             positions_list = [p for c, n in zip(batch.context_lens, batch.seq_lens) for p in range(c, c + n)]
-            if batch.num_seqs == 1 and batch.seq_lens[0] == 1:  # a lone decode token: the slot's mirror, no copy
-                tables = self._table(batch.slots[0], 0, needed[0])[None]  # [1, blocks]
+            if batch.num_seqs == 1:  # one sequence: the slot's mirror, one row every token reads (no copy)
+                tables = self._table(batch.slots[0], 0, needed[0])[None].expand(batch.seq_lens[0], -1)  # [N, blocks]
             else:
                 # one row per sequence, copied from the per-slot tensor mirrors: no Python list as long as the
                 # context (a 1M-token sequence has 65K blocks of 16)

@@ -150,13 +150,8 @@ class NativeStack:
     def __reduce__(self):
         return (NativeStack, ())
 
-    def __call__(self, blocks: Sequence[torch.nn.Module], x: torch.Tensor, batch: Any, state: Any
-                 ) -> torch.Tensor | None:
-        """x through every block -> the last one's output, or None (nothing run) where x is not a few fp32 rows at
-        inference. Runs of blocks with native kernels are bound first, then run back to back over two ping-pong
-        buffers; a block without one (an MLP, a quantized layer, a batch its kernel can't take) runs its forward."""
-        if not applicable(x):
-            return None
+    def plans_for(self, blocks: Sequence[torch.nn.Module]) -> list:
+        """Each block's plan (None where it has none), prepared again only when one of their tensors changed."""
         if self.epoch != _structure_epoch:
             self.tensors = [t for b in blocks for t in (*b.parameters(), *b.buffers())]
             self.versioned = [t for t in self.tensors if not t.is_inference()]  # inference tensors keep no version
@@ -164,11 +159,20 @@ class NativeStack:
         key = (tuple(map(torch.Tensor.data_ptr, self.tensors)), tuple(map(_version, self.versioned)))
         if key != self.key:
             self.plans, self.key = [block_plan(b) for b in blocks], key
+        return self.plans
+
+    def __call__(self, blocks: Sequence[torch.nn.Module], x: torch.Tensor, batch: Any, state: Any
+                 ) -> torch.Tensor | None:
+        """x through every block -> the last one's output, or None (nothing run) where x is not a few fp32 rows at
+        inference. Runs of blocks with native kernels are bound first, then run back to back over two ping-pong
+        buffers; a block without one (an MLP, a quantized layer, a batch its kernel can't take) runs its forward."""
+        if not applicable(x):
+            return None
         step = NativeStep(batch, state)
         x = x.contiguous()  # [R, D]
         bufs = (torch.empty_like(x), torch.empty_like(x))
         calls: list = []
-        for block, plan in zip(blocks, self.plans):
+        for block, plan in zip(blocks, self.plans_for(blocks)):
             dst = bufs[len(calls) % 2]  # never the pending call's input: that is the other buffer or a fresh tensor
             args = block.mixer.native_block_args(plan, x, dst, step) if plan is not None else None
             if args is not None:

@@ -41,7 +41,7 @@ class MTP(nn.Module):
         stateful = [j for j, layer in enumerate(self.layers) if layer.stateful]
         cut = stateful[-1] + 1 if stateful else 0
         self._state_part, self._output_part = list(self.layers[:cut]), list(self.layers[cut:])
-        self._native_state, self._native_output = NativeStack(), NativeStack()
+        self._native_state, self._native_output, self._native_drafts = NativeStack(), NativeStack(), NativeStack()
 
     def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, batch: Batch, state: State | None,
                 rows: list[int] | None = None) -> torch.Tensor:
@@ -71,7 +71,7 @@ class MTP(nn.Module):
                 or any(type(m) not in (nn.Linear, Linear) or m.bias is not None for m in (first.eh_proj, head))
                 or any(type(n).forward is not RMSNorm.forward for n in (first.enorm, first.hnorm, last.final_layernorm))):
             return None
-        attention, moe = fused.block_plan(first), fused.block_plan(last)
+        attention, moe = self._native_drafts.plans_for(self.layers)
         norms = (first.enorm.weight, first.hnorm.weight, last.final_layernorm.weight)
         if attention is None or moe is None or not native_mtp_greedy_ok(hidden, embeddings.weight,
                                                                          first.eh_proj.weight, head.weight, norms):
@@ -82,15 +82,20 @@ class MTP(nn.Module):
         k_cache, v_cache, tables, lengths, new_rows, block_size, longest = state.kv_paged_layout(
             first.mixer.layer_idx, both)
         starts = both.offsets
-        cu = torch.tensor([starts[i] + j for i in range(a) for j in range(lens[i])])  # [N] catch-up rows of `both`
-        later = torch.tensor([[starts[i] + lens[i] + s for i in range(a)] for s in range(steps - 1)],
-                             dtype=torch.int64).view(steps - 1, a)  # [steps - 1, A]
-        tables = tables.expand(both.num_tokens, -1)  # [T, width] (one row stands for a lone token)
+        if a == 1:  # the catch-up's rows come first, then the later drafts'
+            n = lens[0]
+            cu_rows, cu_tables, cu_lengths = new_rows[:n], tables[:n], lengths[:n]
+            later_rows, later_lengths = new_rows[n:, None], lengths[n:, None]  # [steps - 1, 1]
+        else:
+            cu = torch.tensor([starts[i] + j for i in range(a) for j in range(lens[i])])  # [N] catch-up rows
+            later = torch.tensor([[starts[i] + lens[i] + s for i in range(a)] for s in range(steps - 1)],
+                                 dtype=torch.int64).view(steps - 1, a)  # [steps - 1, A]
+            cu_rows, cu_tables, cu_lengths = new_rows[cu], tables[cu], lengths[cu]
+            later_rows, later_lengths = new_rows[later], lengths[later]
         return mtp_greedy(tokens, hidden, batch.offsets, steps, embeddings.weight, (norms[0], first.enorm.eps),
                           (norms[1], first.hnorm.eps), first.eh_proj.weight, (norms[2], last.final_layernorm.eps),
-                          head.weight, attention, k_cache, v_cache, new_rows[cu], tables[cu], lengths[cu],
-                          new_rows[later], tables[torch.tensor(starts[:-1])], lengths[later], block_size, longest, moe,
-                          prev_out)
+                          head.weight, attention, k_cache, v_cache, cu_rows, cu_tables, cu_lengths, later_rows,
+                          tables[starts[:-1]], later_lengths, block_size, longest, moe, prev_out)
 
 
 def _run(stack: NativeStack, blocks: list, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:

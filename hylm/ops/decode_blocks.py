@@ -53,7 +53,8 @@ class NativeAttention:
     def __call__(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, new_rows: torch.Tensor,
                  tables: torch.Tensor, lengths: torch.Tensor, block_size: int, longest: int) -> torch.Tensor:
         """x [N, D] fp32, one entry per new token: new_rows [N] its cache row, tables [N, w] its sequence's
-        blocks, lengths [N] the positions it sees (its own last); caches [Hkv, R, hd] fp32 contiguous. -> [N, D]"""
+        blocks (rows contiguous; one row expanded over all tokens is fine), lengths [N] the positions it sees (its
+        own last); caches [Hkv, R, hd] fp32 contiguous. -> [N, D]"""
         x = x.contiguous()  # [N, D]
         out = torch.empty_like(x)  # [N, D]
         splits = self.splits(x.shape[0], longest)
@@ -74,8 +75,11 @@ class NativeAttention:
              work: torch.Tensor) -> tuple:
         """The kernel's arguments for `__call__`'s inputs (x contiguous, out [N, D] not x, work from `work`), for
         `run`."""
+        if tables.stride(1) != 1:
+            raise ValueError("block tables must be contiguous along each row")
+        # the kernel reads token n's table at tables + n * stride: a row shared by all tokens has stride 0
         return (x.data_ptr(), x.shape[0], x.shape[1], *self._weights, k_cache.data_ptr(), v_cache.data_ptr(),
-                k_cache.shape[1], new_rows.data_ptr(), tables.data_ptr(), tables.shape[1], lengths.data_ptr(),
+                k_cache.shape[1], new_rows.data_ptr(), tables.data_ptr(), tables.stride(0), lengths.data_ptr(),
                 block_size, self.scale, splits, work.data_ptr(), out.data_ptr())
 
     def run(self, args: tuple) -> None:

@@ -36,21 +36,26 @@ def mtp_greedy(tokens: torch.Tensor, hidden: torch.Tensor, offsets: list[int], s
         new_rows = lengths = torch.zeros(1, a, dtype=torch.int64)
         tables = torch.zeros(a, 1, dtype=torch.int64)
     keep = (tokens.contiguous(), hidden.contiguous(), torch.tensor(offsets, dtype=torch.int64),
-            cu_rows.contiguous(), cu_tables.contiguous(), cu_lengths.contiguous(), new_rows.contiguous(),
-            tables.contiguous(), lengths.contiguous())  # alive until the call returns: it reads their addresses
+            cu_rows.contiguous(), _rows_contiguous(cu_tables), cu_lengths.contiguous(), new_rows.contiguous(),
+            _rows_contiguous(tables), lengths.contiguous())  # alive until the call returns: it reads their addresses
     tokens, hidden, offs, cu_rows, cu_tables, cu_lengths, new_rows, tables, lengths = keep
     rc = native.library().hylm_mtp_greedy(
         a, d, embeddings.shape[0], steps, n, offs.data_ptr(), tokens.data_ptr(), hidden.data_ptr(), cu_rows.data_ptr(),
-        cu_tables.data_ptr(), cu_tables.shape[1], cu_lengths.data_ptr(), cu_splits,
+        cu_tables.data_ptr(), cu_tables.stride(0), cu_lengths.data_ptr(), cu_splits,
         embeddings.data_ptr(), enorm[0].data_ptr(), float(enorm[1]), hnorm[0].data_ptr(), float(hnorm[1]),
         eh_proj.data_ptr(), weight_layout(eh_proj), final_norm[0].data_ptr(), float(final_norm[1]), head.data_ptr(),
         weight_layout(head),
         *attention._weights, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], new_rows.data_ptr(),
-        tables.data_ptr(), tables.shape[1], lengths.data_ptr(), block_size, attention.scale, splits, work.data_ptr(),
+        tables.data_ptr(), tables.stride(0), lengths.data_ptr(), block_size, attention.scale, splits, work.data_ptr(),
         *moe._middle, tok.data_ptr(), prev_out.data_ptr() if prev_out is not None else None)
     if rc != 0:
         raise RuntimeError(f"native MTP draft loop refused {a} sequences x {steps} drafts (code {rc})")
     return tok
+
+
+def _rows_contiguous(tables: torch.Tensor) -> torch.Tensor:
+    """Block tables whose rows the kernel can read at tables + n * stride (one row expanded: stride 0)."""
+    return tables if tables.stride(-1) == 1 else tables.contiguous()
 
 
 def native_mtp_greedy_ok(hidden: torch.Tensor, embeddings: torch.Tensor, eh_proj: torch.Tensor, head: torch.Tensor,

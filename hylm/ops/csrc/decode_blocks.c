@@ -26,14 +26,15 @@ int hylm_rmsnorm_rows(const float *x, const float *w, float eps, int64_t R, int6
     return 0;
 }
 
-/* x [N, D] (N new tokens: entry n has its sequence's block table tables[n] and sees lengths[n] positions, its
- * own last; its k and v go to cache row new_rows[n]); caches [Hkv, cache_rows, hd] fp32; work: at least
+/* x [N, D] (N new tokens: entry n has its sequence's block table at tables + n * table_stride (0: one table for
+ * all) and sees lengths[n] positions, its own last; its k and v go to cache row new_rows[n]); caches
+ * [Hkv, cache_rows, hd] fp32; work: at least
  * N * Hkv * splits * (G * hd + 2 * G) floats. out [N, D] may not alias x. */
 int hylm_attention_rows(const float *x, int64_t N, int64_t D, const float *norm_w, float eps, const float *wq,
                         int wq_t, const float *wk, int wk_t, const float *wv, int wv_t, const float *wo, int wo_t,
                         int64_t Hq, int64_t Hkv, int64_t hd, float *k_cache, float *v_cache, int64_t cache_rows,
-                        const int64_t *new_rows, const int64_t *tables, int64_t width, const int64_t *lengths,
-                        int64_t block_size, float scale, int splits, float *work, float *out) {
+                        const int64_t *new_rows, const int64_t *tables, int64_t table_stride,
+                        const int64_t *lengths, int64_t block_size, float scale, int splits, float *work, float *out) {
     if (N < 1 || D < 1 || Hkv < 1 || Hq % Hkv != 0 || hd < 1) return -1;
     for (int64_t n = 0; n < N; n++)  /* checked before anything is written */
         if (new_rows[n] < 0 || new_rows[n] >= cache_rows) return -2;
@@ -54,7 +55,7 @@ int hylm_attention_rows(const float *x, int64_t N, int64_t D, const float *norm_
             memcpy(v_cache + (g * cache_rows + new_rows[n]) * hd, v + n * KD + g * hd, (size_t)hd * sizeof(float));
         }
     }
-    int rc = hylm_paged_decode(q, k_cache, v_cache, 0, cache_rows, tables, width, lengths, (int)N, (int)Hkv,
+    int rc = hylm_paged_decode(q, k_cache, v_cache, 0, cache_rows, tables, table_stride, lengths, (int)N, (int)Hkv,
                                (int)(Hq / Hkv), (int)hd, block_size, scale, splits, work, attn);
     if (rc == 0) {
 #pragma omp parallel

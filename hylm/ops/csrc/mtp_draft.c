@@ -21,7 +21,8 @@
  *     prev          = rmsnorm(moe block (x)) * final_w
  *     tok[a, s]     = argmax(lm_head prev[a])
  * Weights as in rows.h (row-major [out, in], or column-major where *_t is set); the attention and MoE arguments
- * are those of hylm_attention_rows (decode_blocks.c) and hylm_moe_rows (moe_rows.c); `work` holds the attention's
+ * are those of hylm_attention_rows (decode_blocks.c: tables at a row stride, 0 for one table shared by all rows) and
+ * hylm_moe_rows (moe_rows.c); `work` holds the attention's
  * scratch for N rows in cu_splits ranges and for A rows in `splits`. argmax: the first of equal maxima, as
  * torch.argmax. prev_out (or NULL) receives the last prev [A, D]. All fp32; tokens, offsets, rows, tables, lengths
  * and tok int64 (tok [A, steps]).
@@ -36,7 +37,7 @@
 int hylm_attention_rows(const float *x, int64_t N, int64_t D, const float *norm_w, float eps, const float *wq,
                         int wq_t, const float *wk, int wk_t, const float *wv, int wv_t, const float *wo, int wo_t,
                         int64_t Hq, int64_t Hkv, int64_t hd, float *k_cache, float *v_cache, int64_t cache_rows,
-                        const int64_t *new_rows, const int64_t *tables, int64_t width, const int64_t *lengths,
+                        const int64_t *new_rows, const int64_t *tables, int64_t table_stride, const int64_t *lengths,
                         int64_t block_size, float scale, int splits, float *work, float *out);
 int hylm_moe_rows(const float *x, int64_t R, int64_t D, const float *router, const float *correction_bias,
                   int64_t E, int64_t top_k, int normalize, float scaling, const float *fc1, int fc1_t, int64_t L,
@@ -70,15 +71,15 @@ static void mtp_input(const int64_t *tokens, const float *hidden, int64_t R, int
 
 int hylm_mtp_greedy(int64_t A, int64_t D, int64_t V, int64_t steps, int64_t N, const int64_t *offsets,
                     const int64_t *tokens, const float *hidden, const int64_t *cu_rows, const int64_t *cu_tables,
-                    int64_t cu_width, const int64_t *cu_lengths, int cu_splits, const float *emb,
+                    int64_t cu_table_stride, const int64_t *cu_lengths, int cu_splits, const float *emb,
                     const float *enorm_w, float enorm_eps, const float *hnorm_w, float hnorm_eps, const float *eh_proj,
                     int eh_proj_t, const float *final_w, float final_eps, const float *head, int head_t,
                     /* the attention block: hylm_attention_rows' arguments from norm_w on */
                     const float *a_norm_w, float a_eps, const float *wq, int wq_t, const float *wk, int wk_t,
                     const float *wv, int wv_t, const float *wo, int wo_t, int64_t Hq, int64_t Hkv, int64_t hd,
                     float *k_cache, float *v_cache, int64_t cache_rows, const int64_t *new_rows,
-                    const int64_t *tables, int64_t width, const int64_t *lengths, int64_t block_size, float scale,
-                    int splits, float *work,
+                    const int64_t *tables, int64_t table_stride, const int64_t *lengths, int64_t block_size,
+                    float scale, int splits, float *work,
                     /* the MoE block: hylm_moe_rows' arguments from router to eps */
                     const float *router, const float *correction_bias, int64_t E, int64_t top_k, int normalize,
                     float scaling, const float *fc1, int fc1_t, int64_t L, const float *up, const float *down,
@@ -100,7 +101,7 @@ int hylm_mtp_greedy(int64_t A, int64_t D, int64_t V, int64_t steps, int64_t N, c
     float *logits = buf, *cat = logits + A * V, *x = cat + 2 * R * D, *y = x + R * D, *prev = y + R * D;
     mtp_input(tokens, hidden, N, D, emb, enorm_w, enorm_eps, hnorm_w, hnorm_eps, eh_proj, eh_proj_t, cat, x);
     int rc = hylm_attention_rows(x, N, D, a_norm_w, a_eps, wq, wq_t, wk, wk_t, wv, wv_t, wo, wo_t, Hq, Hkv, hd,
-                                 k_cache, v_cache, cache_rows, cu_rows, cu_tables, cu_width, cu_lengths, block_size,
+                                 k_cache, v_cache, cache_rows, cu_rows, cu_tables, cu_table_stride, cu_lengths, block_size,
                                  scale, cu_splits, work, y);
     for (int64_t a = 0; a < A && rc == 0; a++)  /* the MoE and the head read each sequence's last row only */
         memcpy(x + a * D, y + (offsets[a + 1] - 1) * D, (size_t)D * sizeof(float));
@@ -109,7 +110,7 @@ int hylm_mtp_greedy(int64_t A, int64_t D, int64_t V, int64_t steps, int64_t N, c
             for (int64_t a = 0; a < A; a++) ids[a] = tok[a * steps + s - 1];
             mtp_input(ids, prev, A, D, emb, enorm_w, enorm_eps, hnorm_w, hnorm_eps, eh_proj, eh_proj_t, cat, x);
             rc = hylm_attention_rows(x, A, D, a_norm_w, a_eps, wq, wq_t, wk, wk_t, wv, wv_t, wo, wo_t, Hq, Hkv, hd,
-                                     k_cache, v_cache, cache_rows, new_rows + (s - 1) * A, tables, width,
+                                     k_cache, v_cache, cache_rows, new_rows + (s - 1) * A, tables, table_stride,
                                      lengths + (s - 1) * A, block_size, scale, splits, work, y);
             if (rc) break;
             memcpy(x, y, (size_t)(A * D) * sizeof(float));
