@@ -214,10 +214,11 @@ class LLMEngine:
         lo = batch.offsets[i]
         logits = self.model.logits(hidden[lo: batch.offsets[i + 1]])  # [k + 1, V]
         tokens, n_acc = speculative.accept(r, logits, drafted, qs)
-        for layer, saved in batch.saved_states.items():  # Mamba state after the last valid position
-            conv, ssm = saved[i]
-            self.pool.conv[layer][r.slot].copy_(conv[n_acc])
-            self.pool.ssm[layer][r.slot].copy_(ssm[n_acc])
+        if n_acc < len(drafted):  # Mamba state after the last valid position (all valid: the pool holds it)
+            for layer, saved in batch.saved_states.items():
+                conv, ssm = saved[i]
+                self.pool.conv[layer][r.slot].copy_(conv[n_acc])
+                self.pool.ssm[layer][r.slot].copy_(ssm[n_acc])
         r.num_computed += 1 + n_acc  # KV beyond is stale and gets overwritten
         r.mtp_hidden.append(hidden[lo: lo + 1 + n_acc].clone())  # a copy: the step's hidden states can go
         m = self.metrics
@@ -235,7 +236,7 @@ class LLMEngine:
                 if k:
                     vals, idx = logprobs[j].topk(k)
                     top = list(zip(idx.tolist(), vals.tolist()))
-            self._append(r, token, lp, top, now)
+            self._append(r, token, lp, top, now, output=False)
             new.append(token)
             if r.finished:
                 break
@@ -263,7 +264,7 @@ class LLMEngine:
                 if banned:
                     logits[j, list(banned)] = float("-inf")
 
-    def _append(self, r: Request, token: int, logprob, top, now: float) -> RequestOutput:
+    def _append(self, r: Request, token: int, logprob, top, now: float, output: bool = True) -> RequestOutput | None:
         r.token_ids.append(token)
         if r.params.logprobs is not None:
             r.logprobs.append(logprob)
@@ -282,7 +283,7 @@ class LLMEngine:
             self._finish(r, "stop", token)
         elif r.num_output >= r.max_tokens:
             self._finish(r, "length")
-        return self._output(r, [token])
+        return self._output(r, [token]) if output else None
 
     def _output(self, r: Request, new: list[int]) -> RequestOutput:
         k = len(new)
