@@ -21,6 +21,22 @@ def tiny_model(seed: int = 0, config: ModelConfig = TINY):
     return model
 
 
+def make_agreeable(model, token: int = 7):
+    """Make the MTP head often agree with the model: a constant residual channel (dim 0) that every mixer leaves
+    alone pulls both the target's and the MTP's logits toward `token`. In place; returns the model."""
+    with torch.no_grad():
+        model.model.embeddings.weight[:, 0] = 3.0
+        for name, p in model.named_parameters():
+            if name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight", "fc2_latent_proj.weight",
+                              "down_proj")) and p.ndim >= 2:
+                (p[..., 0, :] if p.ndim == 3 else p[0]).zero_()
+        model.mtp.layers[0].eh_proj.weight[0] = 0.0
+        model.mtp.layers[0].eh_proj.weight[0, 0] = 1.0
+        model.lm_head.weight[token] = 0.0
+        model.lm_head.weight[token, 0] = 6.0
+    return model
+
+
 def random_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 256) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()

@@ -11,7 +11,7 @@ from hylm.engine.sampling_params import SamplingParams
 from hylm.engine.scheduler import RequestTooLong
 from hylm.ops import native
 
-from engine_models import assert_runs_agree, random_prompts, tiny_model
+from engine_models import TINY, assert_runs_agree, random_prompts, tiny_model
 from engine_models import run_staggered as staggered
 
 
@@ -259,3 +259,18 @@ def test_native_paged_decode_equals_pytorch_paths(model, monkeypatch, kv_cache_d
     assert not calls
     assert native_out == torch_out
     assert_runs_agree(native_lp, torch_lp)
+
+
+def test_pool_block_tables_grow_inside_and_outside_inference_mode():
+    """The pool's per-slot block-table tensors, first built during an engine step (inference mode), keep growing
+    when the pool is read outside it (a caller driving the model by hand)."""
+    from hylm.model import Batch
+
+    eng = LLMEngine(tiny_model(0), EngineConfig(max_num_seqs=1, max_model_len=64, block_size=4))
+    eng.add_request(list(range(3, 12)), SamplingParams(max_tokens=4))
+    eng.step()
+    r, pool = eng.scheduler.running[0], eng.pool
+    assert pool.reserve(r.slot, r.num_computed + 8)
+    layer = TINY.pattern.index("*")
+    tables = pool.kv_paged_layout(layer, Batch([5], [r.num_computed], [r.slot]))[2]  # [5, blocks]
+    assert tables[0].tolist() == pool.block_tables[r.slot][: tables.shape[1]]

@@ -18,7 +18,7 @@ from hylm.ops import decode_blocks
 from hylm.ops import moe as moe_ops
 from hylm.ops import native
 
-from engine_models import TINY, assert_runs_agree, logprob_runs, random_prompts, tiny_model
+from engine_models import TINY, assert_runs_agree, logprob_runs, make_agreeable, random_prompts, tiny_model
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the native CPU kernels are not built")
 
@@ -335,17 +335,9 @@ def test_native_greedy_drafts_equal_step_by_step_drafts(monkeypatch, k):
     from hylm.engine.sampling_params import SamplingParams
     from hylm.ops import mtp_draft
 
-    model = tiny_model(seed=6, config=dataclasses.replace(UNGROUPED, num_nextn_predict_layers=1, mtp_pattern="*E"))
-    with torch.no_grad():  # as test_speculative's `agreeable`: drafts often accepted, so catch-ups span several rows
-        model.model.embeddings.weight[:, 0] = 3.0
-        for name, p in model.named_parameters():
-            if name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight", "fc2_latent_proj.weight",
-                              "down_proj")) and p.ndim >= 2:
-                (p[..., 0, :] if p.ndim == 3 else p[0]).zero_()
-        model.mtp.layers[0].eh_proj.weight[0] = 0.0
-        model.mtp.layers[0].eh_proj.weight[0, 0] = 1.0
-        model.lm_head.weight[7] = 0.0
-        model.lm_head.weight[7, 0] = 6.0
+    # drafts often accepted, so catch-ups span several rows
+    model = make_agreeable(tiny_model(seed=6, config=dataclasses.replace(UNGROUPED, num_nextn_predict_layers=1,
+                                                                         mtp_pattern="*E")))
     prompts = random_prompts(4, 3, 30, seed=12)
     params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=0)
     drafts: list = []

@@ -8,7 +8,7 @@ import torch
 from hylm.engine.engine import EngineConfig, LLMEngine
 from hylm.engine.sampling_params import SamplingParams
 
-from engine_models import TINY, random_prompts, run_staggered, tiny_model
+from engine_models import TINY, make_agreeable, random_prompts, run_staggered, tiny_model
 
 MTP = TINY.replace(num_nextn_predict_layers=1, mtp_pattern="*E")
 
@@ -20,20 +20,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def agreeable():
-    """A model whose MTP head often agrees with it: a constant residual channel (dim 0) that every
-    mixer leaves alone pulls both the target's and the MTP's logits toward token 7."""
-    m = tiny_model(seed=2, config=MTP)
-    with torch.no_grad():
-        m.model.embeddings.weight[:, 0] = 3.0
-        for name, p in m.named_parameters():
-            if name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight", "fc2_latent_proj.weight",
-                              "down_proj")) and p.ndim >= 2:
-                (p[..., 0, :] if p.ndim == 3 else p[0]).zero_()
-        m.mtp.layers[0].eh_proj.weight[0] = 0.0
-        m.mtp.layers[0].eh_proj.weight[0, 0] = 1.0
-        m.lm_head.weight[7] = 0.0
-        m.lm_head.weight[7, 0] = 6.0
-    return m
+    """A model whose MTP head often agrees with it (see engine_models.make_agreeable)."""
+    return make_agreeable(tiny_model(seed=2, config=MTP))
 
 
 def run(model, prompts, params, k, join_every=1, **cfg):

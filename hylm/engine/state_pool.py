@@ -79,6 +79,13 @@ def plan_pool(config: ModelConfig, max_num_seqs: int = 8, max_model_len: int | N
     return PoolSizes(int(num_slots), int(num_blocks), block_size, int(max_model_len), slot_bytes, block_bytes)
 
 
+def _normal_tensor(n: int) -> torch.Tensor:
+    """An int64 buffer that can be updated in place inside and outside inference mode (one made inside it would be
+    an inference tensor: read-only outside)."""
+    with torch.inference_mode(False):
+        return torch.empty(n, dtype=torch.long)
+
+
 class StatePool:
     """Implements the model's `State` protocol over slots and paged KV, plus allocation."""
 
@@ -208,10 +215,10 @@ class StatePool:
         table = self.block_tables[slot]
         m = self._mirrors.get(slot)
         if m is None or m[0] is not table or m[2] > len(table):
-            m = self._mirrors[slot] = [table, torch.empty(max(16, len(table)), dtype=torch.long), 0]
+            m = self._mirrors[slot] = [table, _normal_tensor(max(16, len(table))), 0]
         if m[2] < len(table):
             if len(table) > m[1].numel():  # grow by doubling: amortised O(1) per block
-                grown = torch.empty(max(len(table), 2 * m[1].numel()), dtype=torch.long)
+                grown = _normal_tensor(max(len(table), 2 * m[1].numel()))
                 grown[: m[2]] = m[1][: m[2]]
                 m[1] = grown
             m[1][m[2]: len(table)] = torch.tensor(table[m[2]:], dtype=torch.long)
