@@ -83,12 +83,15 @@ def catch_up_prefill(model, pool, reqs: list[Request]) -> None:
 
 @torch.inference_mode()
 def draft(model, pool, reqs: list[Request]) -> list[tuple[list[int], list[torch.Tensor | None]]]:
-    """K_r draft tokens per request (r.spec_k) and the distributions they were drawn from (None for greedy
-    requests: their drafts are argmaxes)."""
+    """K_r draft tokens per request (r.spec_k) and the distributions they were drawn from (None where a draft is
+    the MTP's argmax: always for greedy requests, and for every request of a natively drafted step)."""
     embed = model.model.embeddings
     ends = [r.num_computed for r in reqs]
     steps = max(r.spec_k for r in reqs)
-    if all(r.params.greedy and r.spec_k == steps for r in reqs):  # catch-up and drafts in one native call if it can
+    # catch-up and drafts in one native call where the MTP block allows: argmax drafts for every request, a point
+    # mass q for the sampled ones, which `accept` handles exactly (accept with probability p(d), else resample p
+    # without d)
+    if all(r.spec_k == steps for r in reqs):
         tokens, hidden, batch, pending = _catch_up_rows(model, reqs, ends)
         ids = model.mtp.greedy_drafts(tokens, hidden, batch, steps, pool, embed, model.lm_head)
         if ids is not None:
@@ -159,15 +162,17 @@ def accept(r: Request, target_logits: torch.Tensor, drafted: list[int], qs: list
     p = distribution(target_logits, r.params)  # [k + 1, V]
     out: list[int] = []
     for j, (d, q) in enumerate(zip(drafted, qs)):
-        if r.params.greedy:
-            ok = int(p[j].argmax()) == d
-        else:
-            u = float(torch.rand((), generator=r.generator))
-            ok = u * float(q[d]) < float(p[j, d])  # u < p/q without dividing by a tiny q
+        u = float(torch.rand((), generator=r.generator))
+        # q None: the draft was the MTP's argmax, a point mass at d (q[d] = 1)
+        ok = u * (float(q[d]) if q is not None else 1.0) < float(p[j, d])  # u < p/q without dividing by a tiny q
         if ok:
             out.append(d)
             continue
-        residual = (p[j] - q).clamp_min_(0.0)
+        if q is None:
+            residual = p[j].clone()
+            residual[d] = 0.0  # max(p - q, 0) for a point mass at d
+        else:
+            residual = (p[j] - q).clamp_min_(0.0)
         total = float(residual.sum())
         fix = residual / total if total > 0 else p[j]
         out.append(_pick(fix, r.params, r.generator))
