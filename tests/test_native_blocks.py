@@ -404,3 +404,32 @@ def test_native_greedy_drafts_match_pytorch_modules(monkeypatch, steps):
                 prev = model.mtp(embed(ids), prev, step, pool)
     assert native.tolist() == torch.stack(reference, 1).tolist()
     torch.testing.assert_close(native_prev, prev, rtol=1e-5, atol=1e-5)
+
+
+def test_native_greedy_drafts_refuse_positions_outside_the_tables():
+    """A block table too short for the positions the loop would write is refused before anything is written."""
+    import torch as t
+
+    from hylm.ops import mtp_draft
+
+    model = tiny_model(seed=7, config=dataclasses.replace(UNGROUPED, num_nextn_predict_layers=1, mtp_pattern="*E"))
+    first, last = model.mtp.layers
+    attention, moe = fused.block_plan(first), fused.block_plan(last)
+    k_cache = t.zeros(UNGROUPED.num_key_value_heads, 8, UNGROUPED.head_dim)
+    v_cache = t.zeros_like(k_cache)
+    hidden, tokens = t.randn(2, UNGROUPED.hidden_size), t.tensor([3, 4])
+    weights = (model.model.embeddings.weight, (first.enorm.weight, 1e-5), (first.hnorm.weight, 1e-5),
+               first.eh_proj.weight, (last.final_layernorm.weight, 1e-5), model.lm_head.weight, attention, k_cache,
+               v_cache)
+
+    def drafts(start, table, block_size):  # 2 catch-up positions from `start`, then 2 more drafts: 4 positions
+        return mtp_draft.mtp_greedy(tokens, hidden, [0, 2], [start], 3, *weights, t.tensor([table]), block_size, moe)
+
+    with pytest.raises(RuntimeError, match="refused"):  # positions 5..8 need blocks 1 and 2 of size 4
+        drafts(5, [0, 1], 4)
+    with pytest.raises(RuntimeError, match="refused"):  # block 2 (rows 8..11) is past the cache's 8 rows
+        drafts(5, [0, 1, 2], 4)
+    assert not k_cache.any() and not v_cache.any()
+    assert drafts(1, [3, 0, 1], 2).shape == (1, 3)  # positions 1..4: rows 7, 0, 1, 2
+    written = k_cache.abs().sum((0, 2)) > 0  # [8] rows
+    assert written.tolist() == [True, True, True, False, False, False, False, True]

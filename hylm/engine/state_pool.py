@@ -311,6 +311,21 @@ class StatePool:
         _, tables, lengths, new_rows, longest = self._paged
         return self.k[layer], self.v[layer], tables, lengths, new_rows, self.block_size, longest
 
+    def kv_block_tables(self, layer: int, slots: list[int], num_tokens: list[int]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(k_cache, v_cache [Hkv, R, hd], the blocks holding the first num_tokens[i] positions of slots[i]
+        [len(slots), width] int64 (zero-padded; one slot: a view, no copy), block size), for a kernel that places
+        positions itself (row = block * block size + offset)."""
+        bs = self.block_size
+        needed = [math.ceil(n / bs) for n in num_tokens]
+        if len(slots) == 1:
+            tables = self._table(slots[0], 0, needed[0])[None]  # [1, blocks]
+        else:
+            tables = torch.zeros(len(slots), max(needed), dtype=torch.long)  # [B, width]
+            for i, (slot, nb) in enumerate(zip(slots, needed)):
+                tables[i, :nb] = self._table(slot, 0, nb)
+        return self.k[layer], self.v[layer], tables.to(self.k[layer].device), bs
+
     def kv_paged(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
         """Store the new tokens' k, v [N, Hkv, hd] (packed as batch) at their positions and return the cache

@@ -78,4 +78,5 @@ class State(Protocol):
     # kv_paged(layer, batch, k, v) stores the batch's new tokens and returns the paged cache itself with one
     # block table and length per new token, for the native decode kernel; kv_decode(layer, batch, k, v)
     # stores one new token per sequence and returns all their keys and values padded to the longest,
-    # [B, L, Hkv, hd] each, for the PyTorch paths.
+    # [B, L, Hkv, hd] each, for the PyTorch paths; kv_block_tables(layer, slots, num_tokens) returns the caches and
+    # each slot's block ids, for kernels that place positions themselves (the MTP's native draft loop).

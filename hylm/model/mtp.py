@@ -42,6 +42,7 @@ class MTP(nn.Module):
         cut = stateful[-1] + 1 if stateful else 0
         self._state_part, self._output_part = list(self.layers[:cut]), list(self.layers[cut:])
         self._native_state, self._native_output, self._native_drafts = NativeStack(), NativeStack(), NativeStack()
+        self._draft_cache = _DraftCache()
 
     def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, batch: Batch, state: State | None,
                 rows: list[int] | None = None) -> torch.Tensor:
@@ -64,38 +65,55 @@ class MTP(nn.Module):
         sequence's positions the MTP has not seen: hidden [N, D] the target's states there, tokens [N] the tokens
         after them); its last rows give the first drafts, and draft s > 0 is fed at the position s - 1 after a
         sequence's last. prev_out [A, D], if given, receives the MTP output the last drafts came from."""
+        if (not fused.applicable(hidden) or not hasattr(state, "kv_block_tables")
+                or getattr(state, "kv_dtype", None) != torch.float32):
+            return None
+        ready = self._draft_plan(hidden, embeddings, head)
+        if ready is None:
+            return None
+        attention, moe = ready
         first, last = self.layers[0], self.layers[-1]
-        if (not fused.applicable(hidden) or [layer.kind for layer in self.layers] != [ATTENTION, MOE]
-                or not hasattr(state, "kv_paged_layout") or getattr(state, "kv_dtype", None) != torch.float32
-                or type(embeddings) is not nn.Embedding
-                or any(type(m) not in (nn.Linear, Linear) or m.bias is not None for m in (first.eh_proj, head))
-                or any(type(n).forward is not RMSNorm.forward for n in (first.enorm, first.hnorm, last.final_layernorm))):
-            return None
-        attention, moe = self._native_drafts.plans_for(self.layers)
-        norms = (first.enorm.weight, first.hnorm.weight, last.final_layernorm.weight)
-        if attention is None or moe is None or not native_mtp_greedy_ok(hidden, embeddings.weight,
-                                                                         first.eh_proj.weight, head.weight, norms):
-            return None
-        # the catch-up's positions and the later drafts' follow each other: one layout for both
-        a, lens = batch.num_seqs, batch.seq_lens
-        both = Batch([n + steps - 1 for n in lens], batch.context_lens, batch.slots)
-        k_cache, v_cache, tables, lengths, new_rows, block_size, longest = state.kv_paged_layout(
-            first.mixer.layer_idx, both)
-        starts = both.offsets
-        if a == 1:  # the catch-up's rows come first, then the later drafts'
-            n = lens[0]
-            cu_rows, cu_tables, cu_lengths = new_rows[:n], tables[:n], lengths[:n]
-            later_rows, later_lengths = new_rows[n:, None], lengths[n:, None]  # [steps - 1, 1]
-        else:
-            cu = torch.tensor([starts[i] + j for i in range(a) for j in range(lens[i])])  # [N] catch-up rows
-            later = torch.tensor([[starts[i] + lens[i] + s for i in range(a)] for s in range(steps - 1)],
-                                 dtype=torch.int64).view(steps - 1, a)  # [steps - 1, A]
-            cu_rows, cu_tables, cu_lengths = new_rows[cu], tables[cu], lengths[cu]
-            later_rows, later_lengths = new_rows[later], lengths[later]
-        return mtp_greedy(tokens, hidden, batch.offsets, steps, embeddings.weight, (norms[0], first.enorm.eps),
-                          (norms[1], first.hnorm.eps), first.eh_proj.weight, (norms[2], last.final_layernorm.eps),
-                          head.weight, attention, k_cache, v_cache, cu_rows, cu_tables, cu_lengths, later_rows,
-                          tables[starts[:-1]], later_lengths, block_size, longest, moe, prev_out)
+        ends = [c + n + steps - 1 for c, n in zip(batch.context_lens, batch.seq_lens)]  # positions written, + 1
+        k_cache, v_cache, tables, block_size = state.kv_block_tables(first.mixer.layer_idx, batch.slots, ends)
+        return mtp_greedy(tokens, hidden, batch.offsets, batch.context_lens, steps, embeddings.weight,
+                          (first.enorm.weight, first.enorm.eps), (first.hnorm.weight, first.hnorm.eps),
+                          first.eh_proj.weight, (last.final_layernorm.weight, last.final_layernorm.eps), head.weight,
+                          attention, k_cache, v_cache, tables, block_size, moe, prev_out)
+
+    def _draft_plan(self, hidden: torch.Tensor, embeddings: nn.Module, head: nn.Module) -> tuple | None:
+        """The attention and MoE plans of an MTP block the native draft loop can run with these embeddings and
+        head, or None; worked out again only when a tensor of the block, the head or the embeddings changed."""
+        plans = self._native_drafts.plans_for(self.layers)
+        key = (id(plans), *((t.data_ptr(), t.dtype, t.shape, t.stride(), -1 if t.is_inference() else t._version)
+                            for t in (embeddings.weight, head.weight)), hidden.shape[-1])
+        cache = self._draft_cache
+        if cache.key == key:
+            return cache.plans
+        first, last = self.layers[0], self.layers[-1]
+        ok = ([layer.kind for layer in self.layers] == [ATTENTION, MOE] and type(embeddings) is nn.Embedding
+              and all(type(m) in (nn.Linear, Linear) and m.bias is None for m in (first.eh_proj, head))
+              and all(type(n).forward is RMSNorm.forward for n in (first.enorm, first.hnorm, last.final_layernorm))
+              and None not in plans
+              and native_mtp_greedy_ok(hidden, embeddings.weight, first.eh_proj.weight, head.weight,
+                                       (first.enorm.weight, first.hnorm.weight, last.final_layernorm.weight)))
+        cache.key, cache.plans = key, (tuple(plans) if ok else None)
+        return cache.plans
+
+
+class _DraftCache:
+    """`MTP._draft_plan`'s last answer. Plans point at the original's tensors: a copied model starts empty."""
+
+    __slots__ = ("key", "plans")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.plans: tuple | None = None
+
+    def __deepcopy__(self, memo: dict) -> "_DraftCache":
+        return _DraftCache()
+
+    def __reduce__(self):
+        return (_DraftCache, ())
 
 
 def _run(stack: NativeStack, blocks: list, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:

@@ -115,11 +115,11 @@ def library() -> ctypes.CDLL | None:
     lib.hylm_mamba_rows.argtypes = [ptr, i64, i64, ptr, f32, ptr, i32, ptr, i32, ptr, ptr, ptr, i64, ptr, ptr, ptr, f32,
                                     f32, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, f32, i64, ptr, ptr, ptr]
     lib.hylm_mtp_greedy.restype = i32
-    lib.hylm_mtp_greedy.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, i32,  # catch-up
+    lib.hylm_mtp_greedy.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr,  # sizes, catch-up rows
                                     ptr, ptr, f32, ptr, f32, ptr, i32, ptr, f32, ptr, i32,
                                     # attention block
                                     ptr, f32, ptr, i32, ptr, i32, ptr, i32, ptr, i32, i64, i64, i64, ptr, ptr, i64,
-                                    ptr, ptr, i64, ptr, i64, f32, i32, ptr,
+                                    ptr, i64, i64, i64, f32, i32, i32, ptr,
                                     # MoE block
                                     ptr, ptr, i64, i64, i32, f32, ptr, i32, i64, ptr, ptr, i64, ptr, i32, ptr, i32,
                                     ptr, i32, i64, ptr, f32,
