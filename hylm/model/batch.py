@@ -22,7 +22,8 @@ class Batch:
     # sequences whose Mamba states are kept after every position (speculative verification: the
     # engine rolls back to the last accepted position); filled in `saved_states` by each Mamba layer
     keep_states: list[bool] | None = None
-    saved_states: dict = field(default_factory=dict)  # layer -> {seq: (conv [t, C, K-1], ssm [t, H, P, N])}
+    # layer -> {seq: (conv [t, C, K-1], ssm [t, H, P, N])}, valid until the next forward that keeps states
+    saved_states: dict = field(default_factory=dict)
     offsets: list[int] = field(init=False)
 
     def __post_init__(self) -> None:

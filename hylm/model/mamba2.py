@@ -89,8 +89,14 @@ class Mamba2Mixer(nn.Module):
             return None
         seqs = range(batch.num_seqs)
         self._reset_fresh(seqs, batch, conv_all, ssm_all)
-        conv_after, ssm_after = plan.kept_states(batch.num_seqs, t) if keep else (None, None)
+        conv_after = ssm_after = None
         if keep:
+            # one buffer per layer, reused: a verification's kept states are read (the engine's rollback) before
+            # the next forward that keeps states, and a buffer written every step stays in cache
+            kept = getattr(self, "_kept", None)
+            if kept is None or (tuple(kept[0].shape), tuple(kept[1].shape)) != plan.kept_shapes(batch.num_seqs, t):
+                kept = self._kept = plan.kept_states(batch.num_seqs, t)
+            conv_after, ssm_after = kept
             self._keep_states(seqs, batch, conv_after, ssm_after)
         return plan.args(x, out, conv_all, ssm_all, step.slots(), t, conv_after, ssm_after)
 

@@ -100,10 +100,14 @@ class NativeMambaBlock:
         self.run(self.args(x, out, conv_pool, ssm_pool, slots, tokens, conv_after, ssm_after))
         return out, conv_after, ssm_after
 
+    def kept_shapes(self, b: int, tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of the states after every token: conv [b, tokens, C, K-1], ssm [b, tokens, H, P, N]."""
+        return (b, tokens, self.conv_dim, self.kernel - 1), (b, tokens, self.heads, self.head_dim, self.state_size)
+
     def kept_states(self, b: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Room for the states after every token: conv [b, tokens, C, K-1], ssm [b, tokens, H, P, N]."""
-        return (torch.empty(b, tokens, self.conv_dim, self.kernel - 1),
-                torch.empty(b, tokens, self.heads, self.head_dim, self.state_size))
+        """Room for the states after every token (`kept_shapes`)."""
+        conv, ssm = self.kept_shapes(b, tokens)
+        return torch.empty(conv), torch.empty(ssm)
 
     def args(self, x: torch.Tensor, out: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor,
              slots: torch.Tensor, tokens: int, conv_after: torch.Tensor | None, ssm_after: torch.Tensor | None
