@@ -389,21 +389,30 @@ def test_native_greedy_drafts_match_pytorch_modules(monkeypatch, steps):
     hidden = torch.randn(sum(lens), UNGROUPED.hidden_size, generator=g)
     batch = Batch(lens, starts, [r.slot for r in reqs])
     embed, head = model.model.embeddings, model.lm_head
-    with torch.inference_mode():
-        native_prev = torch.empty(2, UNGROUPED.hidden_size)
-        native = model.mtp.greedy_drafts(tokens, hidden, batch, steps, pool, embed, head, prev_out=native_prev)
-        assert native is not None and native.shape == (2, steps)
-        monkeypatch.setattr(fused, "enabled", False)
-        prev = model.mtp(embed(tokens), hidden, batch, pool, rows=batch.last_token_rows())  # [2, D]
-        reference = []
-        for s in range(steps):
-            ids = model.logits(prev).argmax(-1)  # [2]
-            reference.append(ids)
-            if s + 1 < steps:
-                step = Batch([1, 1], [c + n + s for c, n in zip(starts, lens)], batch.slots)
-                prev = model.mtp(embed(ids), prev, step, pool)
-    assert native.tolist() == torch.stack(reference, 1).tolist()
-    torch.testing.assert_close(native_prev, prev, rtol=1e-5, atol=1e-5)
+
+    def compare():
+        with torch.inference_mode():
+            native_prev = torch.empty(2, UNGROUPED.hidden_size)
+            native = model.mtp.greedy_drafts(tokens, hidden, batch, steps, pool, embed, head, prev_out=native_prev)
+            assert native is not None and native.shape == (2, steps)
+            monkeypatch.setattr(fused, "enabled", False)
+            prev = model.mtp(embed(tokens), hidden, batch, pool, rows=batch.last_token_rows())  # [2, D]
+            reference = []
+            for s in range(steps):
+                ids = model.logits(prev).argmax(-1)  # [2]
+                reference.append(ids)
+                if s + 1 < steps:
+                    step = Batch([1, 1], [c + n + s for c, n in zip(starts, lens)], batch.slots)
+                    prev = model.mtp(embed(ids), prev, step, pool)
+            monkeypatch.setattr(fused, "enabled", True)
+        assert native.tolist() == torch.stack(reference, 1).tolist()
+        torch.testing.assert_close(native_prev, prev, rtol=1e-5, atol=1e-5)
+        return native_prev
+
+    before = compare()
+    with torch.no_grad():  # the MTP's MoE changed in place, as by an optimizer step: the loop reads the new weights
+        model.mtp.layers[1].mixer.experts.up_proj.mul_(1.5)
+    assert not torch.allclose(compare(), before)
 
 
 def test_native_greedy_drafts_refuse_positions_outside_the_tables():

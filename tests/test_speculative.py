@@ -107,8 +107,10 @@ def test_sampled_output_keeps_the_target_distribution(agreeable, monkeypatch, dr
     prompt = [5, 9, 14, 3]
     params = lambda seed: SamplingParams(temperature=1.0, top_k=6, max_tokens=3, ignore_eos=True, seed=seed)
     n = 2000
-    eng = LLMEngine(m, EngineConfig(speculative_tokens=2, max_num_seqs=16, max_model_len=16))  # 3rd token: room for 1 draft
-    ids = [eng.add_request(prompt, params(s)) for s in range(n)]
+    # the 3rd token leaves room for 1 draft
+    eng = LLMEngine(m, EngineConfig(speculative_tokens=2, max_num_seqs=16, max_model_len=16))
+    for seed in range(n):
+        eng.add_request(prompt, params(seed))
     counts: dict[int, int] = {}
     while eng.has_unfinished():
         for o in eng.step():

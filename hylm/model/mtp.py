@@ -39,8 +39,7 @@ class MTP(nn.Module):
         # the blocks up to the last stateful one write state for every position; those after it (the MoE of
         # `*E`) feed only the outputs, and a caller may want only some rows of those
         stateful = [j for j, layer in enumerate(self.layers) if layer.stateful]
-        cut = stateful[-1] + 1 if stateful else 0
-        self._state_part, self._output_part = list(self.layers[:cut]), list(self.layers[cut:])
+        self._cut = stateful[-1] + 1 if stateful else 0
         self._native_state, self._native_output, self._native_drafts = NativeStack(), NativeStack(), NativeStack()
         self._draft_cache = _DraftCache()
 
@@ -50,11 +49,12 @@ class MTP(nn.Module):
         of `rows` [len(rows), D]: the blocks after the last attention / Mamba layer run on those rows alone."""
         first = self.layers[0]
         x = first.eh_proj(torch.cat([first.enorm(token_embeds), first.hnorm(hidden)], dim=-1))  # [N, D]
-        x = _run(self._native_state, self._state_part, x, batch, state)
+        layers = list(self.layers)
+        x = _run(self._native_state, layers[: self._cut], x, batch, state)
         if rows is not None:
             x = x[rows]  # [len(rows), D]
             batch = Batch([1] * len(rows), [0] * len(rows), [0] * len(rows))  # the blocks left keep no state
-        x = _run(self._native_output, self._output_part, x, batch, state)
+        x = _run(self._native_output, layers[self._cut:], x, batch, state)
         return self.layers[-1].final_layernorm(x)
 
     def greedy_drafts(self, tokens: torch.Tensor, hidden: torch.Tensor, batch: Batch, steps: int,
@@ -83,12 +83,14 @@ class MTP(nn.Module):
     def _draft_plan(self, hidden: torch.Tensor, embeddings: nn.Module, head: nn.Module) -> tuple | None:
         """The attention and MoE plans of an MTP block the native draft loop can run with these embeddings and
         head, or None; worked out again only when a tensor of the block, the head or the embeddings changed."""
-        plans = self._native_drafts.plans_for(self.layers)
-        key = (id(plans), *((t.data_ptr(), t.dtype, t.shape, t.stride(), -1 if t.is_inference() else t._version)
-                            for t in (embeddings.weight, head.weight)), hidden.shape[-1])
+        plans = tuple(self._native_drafts.plans_for(self.layers))
+        # the plans themselves stay referenced by the cache, so no new plan can take an old one's id
+        key = (tuple(map(id, plans)), *((t.data_ptr(), t.dtype, t.shape, t.stride(),
+                                         -1 if t.is_inference() else t._version)
+                                        for t in (embeddings.weight, head.weight)), hidden.shape[-1])
         cache = self._draft_cache
         if cache.key == key:
-            return cache.plans
+            return plans if cache.ok else None
         first, last = self.layers[0], self.layers[-1]
         ok = ([layer.kind for layer in self.layers] == [ATTENTION, MOE] and type(embeddings) is nn.Embedding
               and all(type(m) in (nn.Linear, Linear) and m.bias is None for m in (first.eh_proj, head))
@@ -96,18 +98,19 @@ class MTP(nn.Module):
               and None not in plans
               and native_mtp_greedy_ok(hidden, embeddings.weight, first.eh_proj.weight, head.weight,
                                        (first.enorm.weight, first.hnorm.weight, last.final_layernorm.weight)))
-        cache.key, cache.plans = key, (tuple(plans) if ok else None)
-        return cache.plans
+        cache.key, cache.plans, cache.ok = key, plans, ok
+        return plans if ok else None
 
 
 class _DraftCache:
     """`MTP._draft_plan`'s last answer. Plans point at the original's tensors: a copied model starts empty."""
 
-    __slots__ = ("key", "plans")
+    __slots__ = ("key", "plans", "ok")
 
     def __init__(self) -> None:
         self.key: tuple | None = None
-        self.plans: tuple | None = None
+        self.plans: tuple = ()
+        self.ok = False
 
     def __deepcopy__(self, memo: dict) -> "_DraftCache":
         return _DraftCache()
