@@ -1,6 +1,7 @@
-"""Few-token fast paths: a whole pre-norm block (x + mixer(norm(x))) in one native call (hylm.ops: the MoE and
-attention blocks), prepared once per layer. Decode steps, speculative verification and MTP drafts run blocks on
-a handful of rows, where the PyTorch composition is dozens of dispatches for microseconds of arithmetic.
+"""Few-token fast paths: a whole pre-norm block (x + mixer(norm(x))) in one native call (hylm.ops: the Mamba, MoE and
+attention blocks), prepared once per layer, and a stack of such blocks bound first and run kernel after kernel
+(`NativeStack`). Decode steps, speculative verification and MTP drafts run blocks on a handful of rows, where the
+PyTorch composition is dozens of dispatches for microseconds of arithmetic.
 
 Only inference takes them (no autograd), fp32 on the CPU, at most MAX_ROWS tokens; everything else runs the
 layers' PyTorch code, which is also their reference (tests compare both)."""
@@ -131,9 +132,9 @@ def run_block(block: torch.nn.Module, plan: Any, x: torch.Tensor, batch: Any, st
 
 
 class NativeStack:
-    """A sequence of blocks (the model's layers, the MTP's) run through `run_blocks`, their plans kept between
-    calls while no parameter or buffer of theirs is replaced or updated in place. Checking that costs one pass over
-    their tensors' addresses and versions per forward, instead of a plan lookup per block (~5-20 us each)."""
+    """A sequence of blocks (the model's layers, the MTP's) run kernel after kernel, their plans kept between calls
+    while no parameter or buffer of theirs is replaced or updated in place. Checking that costs one pass over their
+    tensors' addresses and versions per forward, instead of a plan lookup per block (~5-20 us each)."""
 
     __slots__ = ("plans", "key", "epoch", "tensors", "versioned")
 
