@@ -74,6 +74,11 @@ static inline __attribute__((always_inline)) void rows_tile_t(const float *x, co
                                                               const int J, float *out) {
     v8 acc[16] = {0};
     for (int64_t k = 0; k < K; k++) {
+        /* the row ROWS_TILE_AHEAD below: the tile's 128 bytes per row are far apart (N floats), so the hardware
+         * prefetchers do not follow; measured in the engine, alternating per call, 9-32-row batches' products
+         * took 13% less time with it */
+        __builtin_prefetch(Wt + (k + ROWS_TILE_AHEAD) * N + n0, 0, 3);
+        __builtin_prefetch(Wt + (k + ROWS_TILE_AHEAD) * N + n0 + 16, 0, 3);
         const float *w = last && k == K - 1 ? last : Wt + k * N + n0;
         v8 a = load8(w), b = load8(w + 8), c = load8(w + 16), d = load8(w + 24);
 #pragma GCC unroll 4
