@@ -354,7 +354,12 @@ def test_native_greedy_drafts_equal_step_by_step_drafts(monkeypatch, k):
                            speculative_tokens=k)
         return out, [d for step in drafts for d, _ in step]
 
+    stepwise_calls = []
+    greedy_stepwise = speculative._draft_greedy
+    monkeypatch.setattr(speculative, "_draft_greedy", lambda *a: stepwise_calls.append(1) or greedy_stepwise(*a))
     native_out, native_drafts = run()
+    # every step drafted natively, also those whose requests draft different numbers of tokens (near max_tokens)
+    assert not stepwise_calls
     assert max(len(rows) for rows in native_calls) > 1  # several sequences at once
     assert max(max(rows) for rows in native_calls) > 1 if k > 1 else True  # drafts accepted: longer catch-ups
     monkeypatch.setattr(type(model.mtp), "greedy_drafts", lambda *a: None)
@@ -442,3 +447,34 @@ def test_native_greedy_drafts_refuse_positions_outside_the_tables():
     assert drafts(1, [3, 0, 1], 2).shape == (1, 3)  # positions 1..4: rows 7, 0, 1, 2
     written = k_cache.abs().sum((0, 2)) > 0  # [8] rows
     assert written.tolist() == [True, True, True, False, False, False, False, True]
+
+
+def test_native_drafts_for_requests_drafting_different_numbers(monkeypatch):
+    """Requests near their max_tokens draft fewer tokens than the others of their step: each group of equal K is
+    drafted natively, and the outputs stay those of plain decoding."""
+    from hylm.engine import speculative
+    from hylm.engine.engine import EngineConfig, LLMEngine
+    from hylm.engine.sampling_params import SamplingParams
+
+    model = make_agreeable(tiny_model(seed=6, config=dataclasses.replace(UNGROUPED, num_nextn_predict_layers=1,
+                                                                         mtp_pattern="*E")))
+    prompts = random_prompts(2, 12, 12, seed=5)
+
+    def run(k):
+        eng = LLMEngine(model, EngineConfig(max_num_seqs=2, max_model_len=64, block_size=4, speculative_tokens=k))
+        ids = [eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+               for p, n in zip(prompts, (7, 20))]
+        out: dict = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        return [out[i] for i in ids]
+
+    mixed, stepwise = [], []
+    original = speculative.draft
+    monkeypatch.setattr(speculative, "draft", lambda m, p, reqs: mixed.append(len({r.spec_k for r in reqs}) > 1)
+                        or original(m, p, reqs))
+    greedy_stepwise = speculative._draft_greedy
+    monkeypatch.setattr(speculative, "_draft_greedy", lambda *a: stepwise.append(1) or greedy_stepwise(*a))
+    assert run(3) == run(0)
+    assert any(mixed) and not stepwise

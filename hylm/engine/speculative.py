@@ -84,19 +84,29 @@ def catch_up_prefill(model, pool, reqs: list[Request]) -> None:
 @torch.inference_mode()
 def draft(model, pool, reqs: list[Request]) -> list[tuple[list[int], list[torch.Tensor | None]]]:
     """K_r draft tokens per request (r.spec_k) and the distributions they were drawn from (None where a draft is
-    the MTP's argmax: always for greedy requests, and for every request of a natively drafted step)."""
+    the MTP's argmax: always for greedy requests, and for every natively drafted request)."""
+    by_k: dict[int, list[int]] = {}  # requests drafting the same number of tokens go together
+    for i, r in enumerate(reqs):
+        by_k.setdefault(r.spec_k, []).append(i)
+    drafts: list = [None] * len(reqs)
+    for k, group in by_k.items():
+        for i, d in zip(group, _draft_group(model, pool, [reqs[i] for i in group], k)):
+            drafts[i] = d
+    return drafts
+
+
+def _draft_group(model, pool, reqs: list[Request], steps: int) -> list[tuple[list[int], list[torch.Tensor | None]]]:
+    """`draft` for requests that all draft `steps` tokens."""
     embed = model.model.embeddings
     ends = [r.num_computed for r in reqs]
-    steps = max(r.spec_k for r in reqs)
     # catch-up and drafts in one native call where the MTP block allows: argmax drafts for every request, a point
     # mass q for the sampled ones, which `accept` handles exactly (accept with probability p(d), else resample p
     # without d)
-    if all(r.spec_k == steps for r in reqs):
-        tokens, hidden, batch, pending = _catch_up_rows(model, reqs, ends)
-        ids = model.mtp.greedy_drafts(tokens, hidden, batch, steps, pool, embed, model.lm_head)
-        if ids is not None:
-            _caught_up(reqs, ends, batch, pending)
-            return [(row, [None] * steps) for row in ids.tolist()]
+    tokens, hidden, batch, pending = _catch_up_rows(model, reqs, ends)
+    ids = model.mtp.greedy_drafts(tokens, hidden, batch, steps, pool, embed, model.lm_head)
+    if ids is not None:
+        _caught_up(reqs, ends, batch, pending)
+        return [(row, [None] * steps) for row in ids.tolist()]
     # 1. catch up: every position the MTP hasn't seen, ending at the last computed one
     prev = catch_up(model, pool, reqs, ends, last_only=True)  # [R, D]
     if all(r.params.greedy for r in reqs):
