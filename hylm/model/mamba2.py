@@ -29,6 +29,7 @@ from .norm import GatedRMSNorm, RMSNorm
 # as PyTorch ops (chunk 128) vs 32-39 ms native in the same runs; 256 tokens 4.0-7.7 vs 1.2-1.5 ms.
 native_step_enabled = True
 NATIVE_MAX_KEEP_TOKENS = 16
+KEPT_STATES_REUSE_BYTES = 4 << 20  # a layer's verification states up to this size stay allocated between steps
 
 
 class Mamba2Mixer(nn.Module):
@@ -91,11 +92,15 @@ class Mamba2Mixer(nn.Module):
         self._reset_fresh(seqs, batch, conv_all, ssm_all)
         conv_after = ssm_after = None
         if keep:
-            # one buffer per layer, reused: a verification's kept states are read (the engine's rollback) before
-            # the next forward that keeps states, and a buffer written every step stays in cache
+            # one buffer per layer, reused while small: a verification's kept states are read (the engine's
+            # rollback) before the next forward that keeps states, and a buffer written every step stays in cache;
+            # a large model's (MBs per layer) is allocated per step, so that it is not held between steps
+            shapes = plan.kept_shapes(batch.num_seqs, t)
             kept = getattr(self, "_kept", None)
-            if kept is None or (tuple(kept[0].shape), tuple(kept[1].shape)) != plan.kept_shapes(batch.num_seqs, t):
-                kept = self._kept = plan.kept_states(batch.num_seqs, t)
+            if kept is None or (tuple(kept[0].shape), tuple(kept[1].shape)) != shapes:
+                kept = plan.kept_states(batch.num_seqs, t)
+                small = sum(math.prod(shape) for shape in shapes) * 4 <= KEPT_STATES_REUSE_BYTES
+                self._kept = kept if small else None
             conv_after, ssm_after = kept
             self._keep_states(seqs, batch, conv_after, ssm_after)
         return plan.args(x, out, conv_all, ssm_all, step.slots(), t, conv_after, ssm_after)
