@@ -101,7 +101,7 @@ void hylm_mamba_steps_team(const float *xbc, int64_t xbc_stride, const float *dt
                           conv_after ? conv_after + i * t * C * W : NULL);
         }
     }
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(static) nowait
     for (int64_t i = 0; i < b; i++) {
         for (int64_t h = 0; h < H; h++) {
             const int64_t g = h / heads_per_group;
@@ -157,10 +157,14 @@ void hylm_mamba_steps_team(const float *xbc, int64_t xbc_stride, const float *dt
                     }
                     yo[p] = acc + (D ? D[h] * xs[p] : 0.0f);
                 }
-                if (ssm_after) memcpy(ssm_after + (row * H + h) * P * N, s, (size_t)(P * N) * sizeof(float));
+                /* kept for a rollback that most steps never make: past the caches (half of a 4-token verification's
+                 * recurrence time went to reading in the lines these copies overwrite) */
+                if (ssm_after) copy_streaming(ssm_after + (row * H + h) * P * N, s, P * N);
             }
         }
     }
+    stream_fence();  /* the copies visible before the team moves on */
+#pragma omp barrier
 }
 
 int hylm_mamba_steps_check(int64_t b, int64_t t, int64_t K, int64_t C, int64_t H, int64_t P, int64_t G, int64_t N) {

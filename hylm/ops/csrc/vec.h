@@ -4,6 +4,10 @@
 #define HYLM_VEC_H
 
 #include <stdint.h>
+#include <string.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
@@ -49,6 +53,25 @@ static inline v8 exp8(v8 x) {
     v8 scale;
     __builtin_memcpy(&scale, &bits, sizeof scale);
     return p * scale;
+}
+
+/* dst[0..n) = src[0..n) with stores that bypass the caches where the CPU has them (AVX, dst 32-byte aligned):
+ * for data written once and read rarely, whose cache lines would otherwise be read first (a verification's
+ * per-token states). Call stream_fence() before another thread reads it. */
+static inline void copy_streaming(float *dst, const float *src, int64_t n) {
+#ifdef __AVX__
+    if (((uintptr_t)dst & 31) == 0 && n % 8 == 0) {
+        for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+        return;
+    }
+#endif
+    memcpy(dst, src, (size_t)n * sizeof(float));
+}
+
+static inline void stream_fence(void) {
+#ifdef __AVX__
+    _mm_sfence();
+#endif
 }
 
 #endif
