@@ -355,8 +355,8 @@ def test_native_greedy_drafts_equal_step_by_step_drafts(monkeypatch, k):
         return out, [d for step in drafts for d, _ in step]
 
     stepwise_calls = []
-    greedy_stepwise = speculative._draft_greedy
-    monkeypatch.setattr(speculative, "_draft_greedy", lambda *a: stepwise_calls.append(1) or greedy_stepwise(*a))
+    stepwise_drafts = speculative._draft_stepwise
+    monkeypatch.setattr(speculative, "_draft_stepwise", lambda *a: stepwise_calls.append(1) or stepwise_drafts(*a))
     native_out, native_drafts = run()
     # every step drafted natively, also those whose requests draft different numbers of tokens (near max_tokens)
     assert not stepwise_calls
@@ -474,7 +474,7 @@ def test_native_drafts_for_requests_drafting_different_numbers(monkeypatch):
     original = speculative.draft
     monkeypatch.setattr(speculative, "draft", lambda m, p, reqs: mixed.append(len({r.spec_k for r in reqs}) > 1)
                         or original(m, p, reqs))
-    greedy_stepwise = speculative._draft_greedy
-    monkeypatch.setattr(speculative, "_draft_greedy", lambda *a: stepwise.append(1) or greedy_stepwise(*a))
+    stepwise_drafts = speculative._draft_stepwise
+    monkeypatch.setattr(speculative, "_draft_stepwise", lambda *a: stepwise.append(1) or stepwise_drafts(*a))
     assert run(3) == run(0)
     assert any(mixed) and not stepwise

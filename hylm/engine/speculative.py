@@ -64,7 +64,12 @@ def catch_up(model, pool, reqs: list[Request], ends: list[int], last_only: bool 
     first rows of r.mtp_hidden, and the token after it, which must be known). Returns the MTP's outputs
     [sum of lengths, D], or with last_only each request's last one [R, D] (the MTP's blocks after its attention
     then run on those rows alone)."""
-    tokens, hidden, batch, pending = _catch_up_rows(model, reqs, ends)
+    return _feed(model, pool, reqs, ends, *_catch_up_rows(model, reqs, ends), last_only)
+
+
+def _feed(model, pool, reqs: list[Request], ends: list[int], tokens: torch.Tensor, hidden: torch.Tensor,
+          batch: Batch, pending: list, last_only: bool) -> torch.Tensor:
+    """`catch_up` on its inputs from `_catch_up_rows`."""
     h = model.mtp(model.model.embeddings(tokens), hidden, batch, pool,
                   rows=batch.last_token_rows() if last_only else None)  # [sum(lens) or R, D]
     _caught_up(reqs, ends, batch, pending)
@@ -96,67 +101,42 @@ def draft(model, pool, reqs: list[Request]) -> list[tuple[list[int], list[torch.
 
 
 def _draft_group(model, pool, reqs: list[Request], steps: int) -> list[tuple[list[int], list[torch.Tensor | None]]]:
-    """`draft` for requests that all draft `steps` tokens."""
-    embed = model.model.embeddings
+    """`draft` for requests that all draft `steps` tokens: catch-up and drafts in one native call where the MTP
+    block allows (argmax drafts for every request: a point mass q for the sampled ones, which `accept` handles
+    exactly), else through the MTP's modules one draft position at a time."""
     ends = [r.num_computed for r in reqs]
-    # catch-up and drafts in one native call where the MTP block allows: argmax drafts for every request, a point
-    # mass q for the sampled ones, which `accept` handles exactly (accept with probability p(d), else resample p
-    # without d)
-    tokens, hidden, batch, pending = _catch_up_rows(model, reqs, ends)
-    ids = model.mtp.greedy_drafts(tokens, hidden, batch, steps, pool, embed, model.lm_head)
+    rows = _catch_up_rows(model, reqs, ends)
+    tokens, hidden, batch, pending = rows
+    ids = model.mtp.greedy_drafts(tokens, hidden, batch, steps, pool, model.model.embeddings, model.lm_head)
     if ids is not None:
         _caught_up(reqs, ends, batch, pending)
         return [(row, [None] * steps) for row in ids.tolist()]
-    # 1. catch up: every position the MTP hasn't seen, ending at the last computed one
-    prev = catch_up(model, pool, reqs, ends, last_only=True)  # [R, D]
-    if all(r.params.greedy for r in reqs):
-        return _draft_greedy(model, pool, reqs, prev)
-    drafts: list[tuple[list[int], list[torch.Tensor | None]]] = [([], []) for _ in reqs]
-    active = list(range(len(reqs)))
-    for step in range(max(r.spec_k for r in reqs)):
-        logits = model.logits(prev)  # [A, V]
-        greedy_ids = logits.argmax(-1).tolist()
-        for j, i in enumerate(active):
-            r = reqs[i]
-            if r.params.greedy:  # a one-hot q: accept compares token ids and never reads it
-                drafts[i][0].append(greedy_ids[j])
-                drafts[i][1].append(None)
-                continue
-            q = distribution(logits[j: j + 1], r.params)[0]
-            drafts[i][0].append(_pick(q, r.params, r.generator))
-            drafts[i][1].append(q)
-        active_next = [i for i in active if reqs[i].spec_k > step + 1]
-        if not active_next:
-            break
-        rows = [active.index(i) for i in active_next]
-        # 2. the next draft position reads the MTP's own output at the previous one
-        batch = Batch([1] * len(active_next), [reqs[i].num_computed + step for i in active_next],
-                      [reqs[i].slot for i in active_next])
-        toks = torch.tensor([drafts[i][0][-1] for i in active_next], device=prev.device)
-        prev = model.mtp(embed(toks), prev[rows], batch, pool)
-        active = active_next
-    return drafts
+    prev = _feed(model, pool, reqs, ends, *rows, last_only=True)  # [R, D] at each request's last position
+    return _draft_stepwise(model, pool, reqs, steps, prev)
 
 
-def _draft_greedy(model, pool, reqs: list[Request], prev: torch.Tensor
-                  ) -> list[tuple[list[int], list[torch.Tensor | None]]]:
-    """`draft` where every request is greedy: the drafts stay a tensor until the last step (no sampling to do)."""
+def _draft_stepwise(model, pool, reqs: list[Request], steps: int, prev: torch.Tensor
+                    ) -> list[tuple[list[int], list[torch.Tensor | None]]]:
+    """`steps` drafts per request from the MTP's outputs prev [R, D], each fed back at the next position: argmaxes
+    for greedy requests (q None; the ids stay a tensor until the end), samples from q for the others."""
     embed = model.model.embeddings
-    steps = max(r.spec_k for r in reqs)
-    ids = torch.empty(len(reqs), steps, dtype=torch.long)  # [R, steps]
-    active = list(range(len(reqs)))
+    sampled = [j for j, r in enumerate(reqs) if not r.params.greedy]
+    ids, qs = [], []  # per step: [R] token ids, and each request's q (None for greedy)
     for step in range(steps):
-        ids[active, step] = model.logits(prev).argmax(-1)  # [A]
-        still = [i for i in active if reqs[i].spec_k > step + 1]
-        if not still:
-            break
-        if len(still) < len(active):
-            prev = prev[[active.index(i) for i in still]]
-        batch = Batch([1] * len(still), [reqs[i].num_computed + step for i in still], [reqs[i].slot for i in still])
-        prev = model.mtp(embed(ids[still, step]), prev, batch, pool)  # [A, D]
-        active = still
-    rows = ids.tolist()
-    return [(rows[i][: r.spec_k], [None] * r.spec_k) for i, r in enumerate(reqs)]
+        logits = model.logits(prev)  # [R, V]
+        toks = logits.argmax(-1)  # [R]
+        q_step: list[torch.Tensor | None] = [None] * len(reqs)
+        for j in sampled:
+            r = reqs[j]
+            q_step[j] = distribution(logits[j: j + 1], r.params)[0]
+            toks[j] = _pick(q_step[j], r.params, r.generator)
+        ids.append(toks)
+        qs.append(q_step)
+        if step + 1 < steps:  # the next draft position reads the MTP's own output at the previous one
+            batch = Batch([1] * len(reqs), [r.num_computed + step for r in reqs], [r.slot for r in reqs])
+            prev = model.mtp(embed(toks), prev, batch, pool)  # [R, D]
+    rows = torch.stack(ids, 1).tolist()  # [R, steps]
+    return [(rows[j], [q[j] for q in qs]) for j in range(len(reqs))]
 
 
 def accept(r: Request, target_logits: torch.Tensor, drafted: list[int], qs: list[torch.Tensor | None]

@@ -290,14 +290,10 @@ class StatePool:
             bs = self.block_size
             needed = [math.ceil((c + n) / bs) for c, n in zip(batch.context_lens, batch.seq_lens)]
             positions_list = [p for c, n in zip(batch.context_lens, batch.seq_lens) for p in range(c, c + n)]
-            if batch.num_seqs == 1:  # one sequence: the slot's mirror, one row every token reads (no copy)
-                tables = self._table(batch.slots[0], 0, needed[0])[None].expand(batch.seq_lens[0], -1)  # [N, blocks]
+            per_seq = self._tables(batch.slots, needed)  # [B, width]
+            if batch.num_seqs == 1:  # one sequence: one row every token reads (no copy)
+                tables = per_seq.expand(batch.seq_lens[0], -1)  # [N, blocks]
             else:
-                # one row per sequence, copied from the per-slot tensor mirrors: no Python list as long as the
-                # context (a 1M-token sequence has 65K blocks of 16)
-                per_seq = torch.zeros(batch.num_seqs, max(needed), dtype=torch.long)  # [B, width]
-                for i, (slot, nb) in enumerate(zip(batch.slots, needed)):
-                    per_seq[i, :nb] = self._table(slot, 0, nb)
                 tables = per_seq if max(batch.seq_lens) == 1 else per_seq[
                     torch.repeat_interleave(torch.arange(batch.num_seqs), torch.tensor(batch.seq_lens))]  # [N, width]
             new_rows = []
@@ -317,14 +313,19 @@ class StatePool:
         [len(slots), width] int64 (zero-padded; one slot: a view, no copy), block size), for a kernel that places
         positions itself (row = block * block size + offset)."""
         bs = self.block_size
-        needed = [math.ceil(n / bs) for n in num_tokens]
-        if len(slots) == 1:
-            tables = self._table(slots[0], 0, needed[0])[None]  # [1, blocks]
-        else:
-            tables = torch.zeros(len(slots), max(needed), dtype=torch.long)  # [B, width]
-            for i, (slot, nb) in enumerate(zip(slots, needed)):
-                tables[i, :nb] = self._table(slot, 0, nb)
+        tables = self._tables(slots, [math.ceil(n / bs) for n in num_tokens])  # [B, width]
         return self.k[layer], self.v[layer], tables.to(self.k[layer].device), bs
+
+    def _tables(self, slots: list[int], blocks: list[int]) -> torch.Tensor:
+        """The first blocks[i] block ids of slots[i], one row each [len(slots), max(blocks)] int64, zero-padded:
+        copied from the per-slot tensor mirrors (no Python list as long as the context: a 1M-token sequence has
+        65K blocks of 16); one slot's row is a view of its mirror."""
+        if len(slots) == 1:
+            return self._table(slots[0], 0, blocks[0])[None]  # [1, blocks]
+        tables = torch.zeros(len(slots), max(blocks), dtype=torch.long)  # [B, width]
+        for i, (slot, nb) in enumerate(zip(slots, blocks)):
+            tables[i, :nb] = self._table(slot, 0, nb)
+        return tables
 
     def kv_paged(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:

@@ -162,18 +162,21 @@ class NativeStack:
             self.plans, self.key = [block_plan(b) for b in blocks], key
         return self.plans
 
-    def __call__(self, blocks: Sequence[torch.nn.Module], x: torch.Tensor, batch: Any, state: Any
-                 ) -> torch.Tensor | None:
-        """x through every block -> the last one's output, or None (nothing run) where x is not a few fp32 rows at
-        inference. Runs of blocks with native kernels are bound first, then run back to back over two ping-pong
-        buffers; a block without one (an MLP, a quantized layer, a batch its kernel can't take) runs its forward."""
+    def __call__(self, blocks: Sequence[torch.nn.Module], x: torch.Tensor, batch: Any, state: Any,
+                 plans: Sequence | None = None) -> torch.Tensor:
+        """x through every block -> the last one's output. For a few fp32 rows at inference, runs of blocks with
+        native kernels are bound first, then run back to back over two ping-pong buffers; a block without one (an
+        MLP, a quantized layer, a batch its kernel can't take) runs its forward, as every block does otherwise.
+        plans: the blocks' (`plans_for` of a list these blocks are part of), else this stack's for them."""
         if not applicable(x):
-            return None
+            for block in blocks:
+                x = block(x, batch, state)
+            return x
         step = NativeStep(batch, state)
         x = x.contiguous()  # [R, D]
         bufs = (torch.empty_like(x), torch.empty_like(x))
         calls: list = []
-        for block, plan in zip(blocks, self.plans_for(blocks)):
+        for block, plan in zip(blocks, self.plans_for(blocks) if plans is None else plans):
             dst = bufs[len(calls) % 2]  # never the pending call's input: that is the other buffer or a fresh tensor
             args = block.mixer.native_block_args(plan, x, dst, step) if plan is not None else None
             if args is not None:

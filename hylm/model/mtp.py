@@ -40,7 +40,7 @@ class MTP(nn.Module):
         # `*E`) feed only the outputs, and a caller may want only some rows of those
         stateful = [j for j, layer in enumerate(self.layers) if layer.stateful]
         self._cut = stateful[-1] + 1 if stateful else 0
-        self._native_state, self._native_output, self._native_drafts = NativeStack(), NativeStack(), NativeStack()
+        self._native = NativeStack()
         self._draft_cache = _DraftCache()
 
     def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, batch: Batch, state: State | None,
@@ -49,12 +49,12 @@ class MTP(nn.Module):
         of `rows` [len(rows), D]: the blocks after the last attention / Mamba layer run on those rows alone."""
         first = self.layers[0]
         x = first.eh_proj(torch.cat([first.enorm(token_embeds), first.hnorm(hidden)], dim=-1))  # [N, D]
-        layers = list(self.layers)
-        x = _run(self._native_state, layers[: self._cut], x, batch, state)
+        layers, plans, cut = list(self.layers), self._native.plans_for(self.layers), self._cut
+        x = self._native(layers[:cut], x, batch, state, plans[:cut])
         if rows is not None:
             x = x[rows]  # [len(rows), D]
             batch = Batch([1] * len(rows), [0] * len(rows), [0] * len(rows))  # the blocks left keep no state
-        x = _run(self._native_output, layers[self._cut:], x, batch, state)
+        x = self._native(layers[cut:], x, batch, state, plans[cut:])
         return self.layers[-1].final_layernorm(x)
 
     def greedy_drafts(self, tokens: torch.Tensor, hidden: torch.Tensor, batch: Batch, steps: int,
@@ -83,7 +83,7 @@ class MTP(nn.Module):
     def _draft_plan(self, hidden: torch.Tensor, embeddings: nn.Module, head: nn.Module) -> tuple | None:
         """The attention and MoE plans of an MTP block the native draft loop can run with these embeddings and
         head, or None; worked out again only when a tensor of the block, the head or the embeddings changed."""
-        plans = tuple(self._native_drafts.plans_for(self.layers))
+        plans = tuple(self._native.plans_for(self.layers))
         # the plans themselves stay referenced by the cache, so no new plan can take an old one's id
         key = (tuple(map(id, plans)), *((t.data_ptr(), t.dtype, t.shape, t.stride(),
                                          -1 if t.is_inference() else t._version)
@@ -117,14 +117,3 @@ class _DraftCache:
 
     def __reduce__(self):
         return (_DraftCache, ())
-
-
-def _run(stack: NativeStack, blocks: list, x: torch.Tensor, batch: Batch, state: State | None) -> torch.Tensor:
-    if not blocks:
-        return x
-    out = stack(blocks, x, batch, state)
-    if out is None:
-        for block in blocks:
-            x = block(x, batch, state)
-        out = x
-    return out

@@ -49,12 +49,8 @@ class NemotronHModel(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, batch: Batch, state: State | None = None) -> torch.Tensor:
         """input_ids [N] packed -> final hidden states [N, D] after norm_f."""
         x = self.model.embeddings(input_ids)  # [N, D]
-        out = self._native_layers(self.model.layers, x, batch, state)  # a few tokens: all blocks' kernels in a row
-        if out is None:
-            for layer in self.model.layers:
-                x = layer(x, batch, state)
-            out = x
-        return self.model.norm_f(out)
+        x = self._native_layers(self.model.layers, x, batch, state)  # a few tokens: all blocks' kernels in a row
+        return self.model.norm_f(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

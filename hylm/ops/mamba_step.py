@@ -123,8 +123,7 @@ class NativeMambaBlock:
     def run(self, args: tuple) -> None:
         rc = self._kernel(*args)
         if rc != 0:
-            raise RuntimeError(f"native Mamba block refused {args[1]} rows, {args[-12]} tokens per sequence "
-                               f"(code {rc})")
+            raise RuntimeError(f"native Mamba block refused {args[1]} rows (code {rc})")
 
 
 def prepare_native_mamba_block(norm_weight: torch.Tensor, eps: float, in_proj: torch.Tensor, out_proj: torch.Tensor,

@@ -1,7 +1,8 @@
 """Greedy MTP drafts in one native call (hylm/ops/csrc/mtp_draft.c) for an MTP block of one attention block and one
-MoE block: the head's argmax, the next draft's embedding, norms, input projection and both blocks, K times, with
-the kernels the step-by-step path uses. The reference is that path (hylm/engine/speculative.py drafts token by
-token through the model's PyTorch modules); tests compare the tokens."""
+MoE block: the catch-up over the positions the MTP has not seen, then per draft the head's argmax, the next
+draft's embedding, norms, input projection and both blocks, with the kernels the step-by-step path uses. The
+reference is the MTP's PyTorch modules (hylm/engine/speculative.py drafts through them one position at a time);
+tests compare the tokens and the last hidden state."""
 
 from __future__ import annotations
 
