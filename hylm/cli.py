@@ -132,6 +132,16 @@ def _parallel_sizes(args: argparse.Namespace) -> tuple[int, int] | None:
     return tp, ep
 
 
+def _add_speculative(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative-tokens", type=int, default=0,
+                   help="draft this many tokens per step with the model's MTP block (0: off); with "
+                        "--speculative-min-confidence, at most this many")
+    p.add_argument("--speculative-min-confidence", type=float, default=0.0, metavar="P",
+                   help="stop drafting at the first draft (after the first) to which the MTP gives a probability "
+                        "below P, for every request of the step (e.g. 0.9 with --speculative-tokens 5; default 0: "
+                        "always --speculative-tokens drafts)")
+
+
 def _add_kv_cache_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="dtype of the attention layers' KV cache (auto: the model's; bf16/fp16 halve an fp32 "
@@ -238,8 +248,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     _add_kv_cache_dtype(p)
     p.add_argument("--no-stream", action="store_true", help="print the whole result at the end")
-    p.add_argument("--speculative-tokens", type=int, default=0,
-                   help="draft this many tokens per step with the model's MTP block (0: off)")
+    _add_speculative(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="a progress bar of prefilled prompt tokens on stderr for prompts longer than one "
                         "prefill chunk (default: when stderr is a terminal)")
@@ -271,7 +280,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if sizes is None:
         llm = LLM(args.model, tokenizer=_gguf_tokenizer(args.model), dtype=args.dtype, device=_device_for(args),
                   max_num_seqs=1, max_model_len=max_len, speculative_tokens=args.speculative_tokens,
-                  kv_cache_dtype=args.kv_cache_dtype)
+                  speculative_min_confidence=args.speculative_min_confidence, kv_cache_dtype=args.kv_cache_dtype)
         return _generate(llm, args, prompt, params)
     from .chat.tokenizer import Tokenizer
     from .parallel import launch
@@ -498,8 +507,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="turn off prefix caching (on by default: chat turns resume from cached Mamba states)")
     p.add_argument("--prefix-cache-bytes", type=int, default=None,
                    help="memory for cached state checkpoints (default: 4 x max-num-seqs sequence states)")
-    p.add_argument("--speculative-tokens", type=int, default=0,
-                   help="draft this many tokens per step with the model's MTP block (0: off)")
+    _add_speculative(p)
     _add_kv_cache_dtype(p)
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
@@ -547,7 +555,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     memory = int(args.memory_gib * 2**30) if args.memory_gib is not None else None
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, memory_bytes=memory,
                           enable_prefix_caching=args.enable_prefix_caching, prefix_cache_bytes=args.prefix_cache_bytes,
-                          speculative_tokens=args.speculative_tokens, kv_cache_dtype=args.kv_cache_dtype)
+                          speculative_tokens=args.speculative_tokens,
+                          speculative_min_confidence=args.speculative_min_confidence,
+                          kv_cache_dtype=args.kv_cache_dtype)
     api_key = args.api_key if args.api_key is not None else (os.environ.get("HYLM_API_KEY") or None)
     parallel_model = engine = None
     if sizes is not None:

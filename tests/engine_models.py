@@ -21,9 +21,10 @@ def tiny_model(seed: int = 0, config: ModelConfig = TINY):
     return model
 
 
-def make_agreeable(model, token: int = 7):
+def make_agreeable(model, token: int = 7, pull: float = 6.0):
     """Make the MTP head often agree with the model: a constant residual channel (dim 0) that every mixer leaves
-    alone pulls both the target's and the MTP's logits toward `token`. In place; returns the model."""
+    alone pulls both the target's and the MTP's logits toward `token` (the more, the larger `pull`). In place;
+    returns the model."""
     with torch.no_grad():
         model.model.embeddings.weight[:, 0] = 3.0
         for name, p in model.named_parameters():
@@ -33,7 +34,7 @@ def make_agreeable(model, token: int = 7):
         model.mtp.layers[0].eh_proj.weight[0] = 0.0
         model.mtp.layers[0].eh_proj.weight[0, 0] = 1.0
         model.lm_head.weight[token] = 0.0
-        model.lm_head.weight[token, 0] = 6.0
+        model.lm_head.weight[token, 0] = pull
     return model
 
 

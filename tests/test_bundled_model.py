@@ -108,8 +108,9 @@ def test_thinking_off_arithmetic_answers_are_bare_numbers(llm):
 
 
 def test_speculative_greedy_output_equals_plain_on_the_bundled_model():
-    """The MTP block this model was trained with drafts; greedy output with speculation (K=1 and 3, batch of
-    several requests, a small prefill chunk) is token-for-token the plain output."""
+    """The MTP block this model was trained with drafts; greedy output with speculation (K=1 and 3, and up to 5
+    stopping below a confidence; batch of several requests, a small prefill chunk) is token-for-token the plain
+    output."""
     from hylm.engine.llm import LLM
     from hylm.engine.sampling_params import SamplingParams
 
@@ -119,8 +120,9 @@ def test_speculative_greedy_output_equals_plain_on_the_bundled_model():
     params = SamplingParams(temperature=0.0, max_tokens=48)
     model = hylm.load_model(str(MODEL), dtype=torch.float32)
     plain = LLM(model, max_num_seqs=4, max_model_len=1024).generate(prompts, params)
-    for k in (1, 3):
-        spec_llm = LLM(model, max_num_seqs=4, max_model_len=1024, speculative_tokens=k, max_num_batched_tokens=64)
+    for k, confidence in ((1, 0.0), (3, 0.0), (5, 0.9)):
+        spec_llm = LLM(model, max_num_seqs=4, max_model_len=1024, speculative_tokens=k, max_num_batched_tokens=64,
+                       speculative_min_confidence=confidence)
         spec = spec_llm.generate(prompts, params)
         assert [c.outputs[0].token_ids for c in spec] == [c.outputs[0].token_ids for c in plain]
         assert spec_llm.engine.metrics.spec_accepted_tokens > 0

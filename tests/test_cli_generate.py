@@ -54,6 +54,7 @@ def test_device_auto_falls_back_to_the_cpu_with_a_one_line_notice(ckpt):
     (["--prompt-ids", "5,x"], "--prompt-ids: expected comma-separated integers"),
     (["--prompt-ids", "5", "--max-tokens", "9000", "--max-model-len", "64"], "exceeds the maximum model length of 64"),
     (["--prompt-ids", "5", "--top-p", "3"], "top_p"),
+    (["--prompt-ids", "5", "--speculative-min-confidence", "1.5"], "speculative_min_confidence must be in [0, 1), got 1.5"),
 ])
 def test_generate_errors_are_one_line(ckpt, args, message):
     r = hylm("generate", ckpt, *args)

@@ -326,23 +326,33 @@ def test_model_forward_chains_native_blocks_and_follows_parameter_changes(monkey
         before = after
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_native_greedy_drafts_equal_step_by_step_drafts(monkeypatch, k):
+@pytest.mark.parametrize("k, min_confidence", [(1, 0.0), (3, 0.0), (3, 0.9965)])
+def test_native_greedy_drafts_equal_step_by_step_drafts(monkeypatch, k, min_confidence):
     """The MTP draft loop in one native call (hylm/ops/mtp_draft.py) drafts the same tokens as the step-by-step
     path through the model's modules, for batches of requests at different positions (its key/value rows and block
-    tables), and the engine's greedy output stays the plain one."""
+    tables), also where drafting stops early below a confidence, and the engine's greedy output stays the plain
+    one."""
     from hylm.engine import speculative
     from hylm.engine.sampling_params import SamplingParams
     from hylm.ops import mtp_draft
 
-    # drafts often accepted, so catch-ups span several rows
+    # drafts often accepted, so catch-ups span several rows; with a weaker pull the MTP's confidence in its drafts
+    # varies (0.91-1.0), so that some steps stop drafting early
     model = make_agreeable(tiny_model(seed=6, config=dataclasses.replace(UNGROUPED, num_nextn_predict_layers=1,
-                                                                         mtp_pattern="*E")))
+                                                                         mtp_pattern="*E")),
+                           pull=4.5 if min_confidence else 6.0)
     prompts = random_prompts(4, 3, 30, seed=12)
     params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=0)
     drafts: list = []
     original = speculative.draft
-    monkeypatch.setattr(speculative, "draft", lambda *a: drafts.append(original(*a)) or drafts[-1])
+    planned = []  # each drafted request's planned count (r.spec_k) and its drafts' count
+
+    def recorded(model, pool, reqs, *rest):
+        drafts.append(original(model, pool, reqs, *rest))
+        planned.extend((r.spec_k, len(d)) for r, (d, _) in zip(reqs, drafts[-1]))
+        return drafts[-1]
+
+    monkeypatch.setattr(speculative, "draft", recorded)
     native_calls = []  # each native call's catch-up rows per sequence
     kernel = mtp_draft.mtp_greedy
     monkeypatch.setattr("hylm.model.mtp.mtp_greedy",
@@ -350,8 +360,9 @@ def test_native_greedy_drafts_equal_step_by_step_drafts(monkeypatch, k):
 
     def run():
         drafts.clear()
+        planned.clear()
         out = logprob_runs(model, prompts, params, block_size=4, max_num_batched_tokens=16, max_num_seqs=3,
-                           speculative_tokens=k)
+                           speculative_tokens=k, speculative_min_confidence=min_confidence)
         return out, [d for step in drafts for d, _ in step]
 
     stepwise_calls = []
@@ -362,9 +373,12 @@ def test_native_greedy_drafts_equal_step_by_step_drafts(monkeypatch, k):
     assert not stepwise_calls
     assert max(len(rows) for rows in native_calls) > 1  # several sequences at once
     assert max(max(rows) for rows in native_calls) > 1 if k > 1 else True  # drafts accepted: longer catch-ups
-    monkeypatch.setattr(type(model.mtp), "greedy_drafts", lambda *a: None)
+    monkeypatch.setattr(type(model.mtp), "greedy_drafts", lambda *a, **k: None)
     stepwise_out, stepwise_drafts = run()
     assert native_drafts == stepwise_drafts and len(native_drafts) > 10
+    # below the confidence, some steps draft fewer tokens than planned (never none); otherwise all as planned
+    assert all(1 <= n <= want for want, n in planned)
+    assert any(n < want for want, n in planned) == bool(min_confidence)
     assert_runs_agree(native_out, stepwise_out)
     assert_runs_agree(native_out, logprob_runs(model, prompts, params, block_size=4, max_num_batched_tokens=16,
                                                max_num_seqs=3))
@@ -402,16 +416,26 @@ def test_native_greedy_drafts_match_pytorch_modules(monkeypatch, steps):
             assert native is not None and native.shape == (2, steps)
             monkeypatch.setattr(fused, "enabled", False)
             prev = model.mtp(embed(tokens), hidden, batch, pool, rows=batch.last_token_rows())  # [2, D]
-            reference = []
+            reference, confidence = [], []  # per draft: [2] ids, and the larger of the two drafts' probabilities
             for s in range(steps):
-                ids = model.logits(prev).argmax(-1)  # [2]
-                reference.append(ids)
+                logits = model.logits(prev)  # [2, V]
+                reference.append(logits.argmax(-1))
+                confidence.append(float(torch.softmax(logits.double(), -1).amax()))
                 if s + 1 < steps:
                     step = Batch([1, 1], [c + n + s for c, n in zip(starts, lens)], batch.slots)
-                    prev = model.mtp(embed(ids), prev, step, pool)
+                    prev = model.mtp(embed(reference[-1]), prev, step, pool)
             monkeypatch.setattr(fused, "enabled", True)
-        assert native.tolist() == torch.stack(reference, 1).tolist()
-        torch.testing.assert_close(native_prev, prev, rtol=1e-5, atol=1e-5)
+            reference = torch.stack(reference, 1).tolist()  # [2, steps]
+            assert native.tolist() == reference
+            torch.testing.assert_close(native_prev, prev, rtol=1e-5, atol=1e-5)
+            # a confidence threshold: drafting stops at the first draft after the first that both sequences' MTP
+            # gives less than it (thresholds halfway between the drafts' confidences, so rounding can't flip them)
+            levels = sorted(set(confidence[1:]))
+            for threshold in [(a + b) / 2 for a, b in zip([0.0] + levels, levels + [1.0])]:
+                expected = next((s for s in range(1, steps) if confidence[s] < threshold), steps)
+                stopped = model.mtp.greedy_drafts(tokens, hidden, batch, steps, pool, embed, head,
+                                                  min_confidence=threshold)
+                assert stopped.tolist() == [row[:expected] for row in reference]
         return native_prev
 
     before = compare()
@@ -472,8 +496,8 @@ def test_native_drafts_for_requests_drafting_different_numbers(monkeypatch):
 
     mixed, stepwise = [], []
     original = speculative.draft
-    monkeypatch.setattr(speculative, "draft", lambda m, p, reqs: mixed.append(len({r.spec_k for r in reqs}) > 1)
-                        or original(m, p, reqs))
+    monkeypatch.setattr(speculative, "draft", lambda m, p, reqs, *rest:
+                        mixed.append(len({r.spec_k for r in reqs}) > 1) or original(m, p, reqs, *rest))
     stepwise_drafts = speculative._draft_stepwise
     monkeypatch.setattr(speculative, "_draft_stepwise", lambda *a: stepwise.append(1) or stepwise_drafts(*a))
     assert run(3) == run(0)

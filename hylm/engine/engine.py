@@ -35,7 +35,10 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     prefix_cache_bytes: int | None = None  # state checkpoints' budget; None: room for 4 x max_num_seqs
     prefix_cache_interval_blocks: int = 16  # checkpoint long prompts every this many KV blocks
-    speculative_tokens: int = 0  # MTP draft tokens per step (0: off)
+    speculative_tokens: int = 0  # MTP draft tokens per step (0: off); with a min confidence, the most per step
+    # drafting stops at the first draft (after the first) the MTP gives a probability below this, for every request
+    # drafting with it (0: always speculative_tokens drafts)
+    speculative_min_confidence: float = 0.0
     # None or "auto": the model's dtype; bf16/fp16 halve an fp32 model's KV memory (compute stays fp32)
     kv_cache_dtype: torch.dtype | str | None = None
 
@@ -62,6 +65,8 @@ class LLMEngine:
         self.spec_k = c.speculative_tokens
         if self.spec_k < 0:
             raise ValueError("speculative_tokens must be >= 0")
+        if not 0.0 <= c.speculative_min_confidence < 1.0:
+            raise ValueError(f"speculative_min_confidence must be in [0, 1), got {c.speculative_min_confidence}")
         if self.spec_k and model.mtp is None:
             raise ValueError("speculative_tokens: this model has no MTP block (num_nextn_predict_layers is 0)")
         if self.spec_k and "M" in model.config.mtp_pattern:
@@ -155,7 +160,10 @@ class LLMEngine:
         order = sorted(range(len(sched.requests)), key=lambda i: sched.requests[i].slot)
         reqs, counts = [sched.requests[i] for i in order], [sched.num_tokens[i] for i in order]
         spec = [i for i, (r, n) in enumerate(zip(reqs, counts)) if r.pending == 1 and n > 1]
-        drafts = dict(zip(spec, speculative.draft(self.model, self.pool, [reqs[i] for i in spec]))) if spec else {}
+        drafts = dict(zip(spec, speculative.draft(self.model, self.pool, [reqs[i] for i in spec],
+                                                  self.config.speculative_min_confidence))) if spec else {}
+        for i, (drafted, _) in drafts.items():  # fewer drafts than planned where the MTP was unsure
+            counts[i] = 1 + len(drafted)
         ids: list[int] = []
         for i, (r, n) in enumerate(zip(reqs, counts)):
             ids += r.token_ids[r.num_computed: r.num_computed + n] if i not in drafts else \

@@ -87,35 +87,40 @@ def catch_up_prefill(model, pool, reqs: list[Request]) -> None:
 
 
 @torch.inference_mode()
-def draft(model, pool, reqs: list[Request]) -> list[tuple[list[int], list[torch.Tensor | None]]]:
-    """K_r draft tokens per request (r.spec_k) and the distributions they were drawn from (None where a draft is
-    the MTP's argmax: always for greedy requests, and for every natively drafted request)."""
+def draft(model, pool, reqs: list[Request], min_confidence: float = 0.0
+          ) -> list[tuple[list[int], list[torch.Tensor | None]]]:
+    """Up to K_r draft tokens per request (r.spec_k) and the distributions they were drawn from (None where a draft
+    is the MTP's argmax: always for greedy requests, and for every natively drafted request). With min_confidence
+    > 0 the requests drafting together stop early: at the first draft after their first at which the MTP gives
+    every one of them a probability below min_confidence (that draft dropped), so all of them keep the same count."""
     by_k: dict[int, list[int]] = {}  # requests drafting the same number of tokens go together
     for i, r in enumerate(reqs):
         by_k.setdefault(r.spec_k, []).append(i)
     drafts: list = [None] * len(reqs)
     for k, group in by_k.items():
-        for i, d in zip(group, _draft_group(model, pool, [reqs[i] for i in group], k)):
+        for i, d in zip(group, _draft_group(model, pool, [reqs[i] for i in group], k, min_confidence)):
             drafts[i] = d
     return drafts
 
 
-def _draft_group(model, pool, reqs: list[Request], steps: int) -> list[tuple[list[int], list[torch.Tensor | None]]]:
+def _draft_group(model, pool, reqs: list[Request], steps: int, min_confidence: float
+                 ) -> list[tuple[list[int], list[torch.Tensor | None]]]:
     """`draft` for requests that all draft `steps` tokens: catch-up and drafts in one native call where the MTP
     block allows (argmax drafts for every request: a point mass q for the sampled ones, which `accept` handles
     exactly), else through the MTP's modules one draft position at a time."""
     ends = [r.num_computed for r in reqs]
     rows = _catch_up_rows(model, reqs, ends)
     tokens, hidden, batch, pending = rows
-    ids = model.mtp.greedy_drafts(tokens, hidden, batch, steps, pool, model.model.embeddings, model.lm_head)
+    ids = model.mtp.greedy_drafts(tokens, hidden, batch, steps, pool, model.model.embeddings, model.lm_head,
+                                  min_confidence=min_confidence)  # [R, k]
     if ids is not None:
         _caught_up(reqs, ends, batch, pending)
-        return [(row, [None] * steps) for row in ids.tolist()]
+        return [(row, [None] * len(row)) for row in ids.tolist()]
     prev = _feed(model, pool, reqs, ends, *rows, last_only=True)  # [R, D] at each request's last position
-    return _draft_stepwise(model, pool, reqs, steps, prev)
+    return _draft_stepwise(model, pool, reqs, steps, prev, min_confidence)
 
 
-def _draft_stepwise(model, pool, reqs: list[Request], steps: int, prev: torch.Tensor
+def _draft_stepwise(model, pool, reqs: list[Request], steps: int, prev: torch.Tensor, min_confidence: float = 0.0
                     ) -> list[tuple[list[int], list[torch.Tensor | None]]]:
     """`steps` drafts per request from the MTP's outputs prev [R, D], each fed back at the next position: argmaxes
     for greedy requests (q None; the ids stay a tensor until the end), samples from q for the others."""
@@ -125,6 +130,8 @@ def _draft_stepwise(model, pool, reqs: list[Request], steps: int, prev: torch.Te
     for step in range(steps):
         logits = model.logits(prev)  # [R, V]
         toks = logits.argmax(-1)  # [R]
+        if step and min_confidence > 0 and float(torch.softmax(logits, -1).amax()) < min_confidence:
+            break  # every request's draft here is unlikely to be accepted: verify the ones before
         q_step: list[torch.Tensor | None] = [None] * len(reqs)
         for j in sampled:
             r = reqs[j]
@@ -135,7 +142,7 @@ def _draft_stepwise(model, pool, reqs: list[Request], steps: int, prev: torch.Te
         if step + 1 < steps:  # the next draft position reads the MTP's own output at the previous one
             batch = Batch([1] * len(reqs), [r.num_computed + step for r in reqs], [r.slot for r in reqs])
             prev = model.mtp(embed(toks), prev, batch, pool)  # [R, D]
-    rows = torch.stack(ids, 1).tolist()  # [R, steps]
+    rows = torch.stack(ids, 1).tolist()  # [R, k]
     return [(rows[j], [q[j] for q in qs]) for j in range(len(reqs))]
 
 

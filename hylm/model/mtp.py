@@ -59,12 +59,13 @@ class MTP(nn.Module):
 
     def greedy_drafts(self, tokens: torch.Tensor, hidden: torch.Tensor, batch: Batch, steps: int,
                       state: State | None, embeddings: nn.Module, head: nn.Module,
-                      prev_out: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Greedy drafts [A, steps] int64 in one native call (hylm/ops/mtp_draft.py), or None where it can't run
+                      prev_out: torch.Tensor | None = None, min_confidence: float = 0.0) -> torch.Tensor | None:
+        """Greedy drafts [A, k] int64 in one native call (hylm/ops/mtp_draft.py), or None where it can't run
         them (then catch up and draft one step at a time). First the catch-up: the forward over batch (each
         sequence's positions the MTP has not seen: hidden [N, D] the target's states there, tokens [N] the tokens
         after them); its last rows give the first drafts, and draft s > 0 is fed at the position s - 1 after a
-        sequence's last. prev_out [A, D], if given, receives the MTP output the last drafts came from."""
+        sequence's last. prev_out [A, D], if given, receives the MTP output the last drafts came from. k = steps, or
+        fewer with min_confidence > 0 (see `mtp_greedy`)."""
         if (not fused.applicable(hidden) or not hasattr(state, "kv_block_tables")
                 or getattr(state, "kv_dtype", None) != torch.float32):
             return None
@@ -78,7 +79,7 @@ class MTP(nn.Module):
         return mtp_greedy(tokens, hidden, batch.offsets, batch.context_lens, steps, embeddings.weight,
                           (first.enorm.weight, first.enorm.eps), (first.hnorm.weight, first.hnorm.eps),
                           first.eh_proj.weight, (last.final_layernorm.weight, last.final_layernorm.eps), head.weight,
-                          attention, k_cache, v_cache, tables, block_size, moe, prev_out)
+                          attention, k_cache, v_cache, tables, block_size, moe, prev_out, min_confidence)
 
     def _draft_plan(self, hidden: torch.Tensor, embeddings: nn.Module, head: nn.Module) -> tuple | None:
         """The attention and MoE plans of an MTP block the native draft loop can run with these embeddings and

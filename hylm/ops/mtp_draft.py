@@ -6,6 +6,8 @@ tests compare the tokens and the last hidden state."""
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from . import native
@@ -18,8 +20,11 @@ def mtp_greedy(tokens: torch.Tensor, hidden: torch.Tensor, offsets: list[int], s
                embeddings: torch.Tensor, enorm: tuple[torch.Tensor, float], hnorm: tuple[torch.Tensor, float],
                eh_proj: torch.Tensor, final_norm: tuple[torch.Tensor, float], head: torch.Tensor,
                attention: NativeAttention, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-               block_size: int, moe: NativeMoE, prev_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Draft tokens [A, steps] int64 (and into prev_out [A, D], if given, the MTP's output the last drafts came from).
+               block_size: int, moe: NativeMoE, prev_out: torch.Tensor | None = None,
+               min_confidence: float = 0.0) -> torch.Tensor:
+    """Draft tokens [A, k] int64 (and into prev_out [A, D], if given, the MTP's output the last drafts came from).
+    k = steps, or with min_confidence > 0 fewer: drafting stops at the first draft s >= 1 at which every sequence's
+    draft has a softmax probability below min_confidence, and that draft is dropped.
     The catch-up: N rows, sequence a's at offsets[a]..offsets[a+1]-1 for its positions starts[a].., each the
     target's hidden state hidden [N, D] and the token after it, tokens [N]; draft s > 0 of sequence a goes to the
     position s - 1 after its catch-up's last. tables [A, width] int64: each sequence's KV blocks (rows contiguous,
@@ -32,6 +37,7 @@ def mtp_greedy(tokens: torch.Tensor, hidden: torch.Tensor, offsets: list[int], s
     if tables.dim() != 2 or tables.shape[0] != a or tables.dtype != torch.int64 or tables.stride(1) != 1:
         raise ValueError(f"tables must be int64 [{a}, width] with contiguous rows")
     tok = torch.empty(a, steps, dtype=torch.int64)  # [A, steps]
+    drafted = ctypes.c_int64(0)
     longest = max(c + offsets[i + 1] - offsets[i] + steps - 1 for i, c in enumerate(starts))  # positions seen, at most
     cu_splits, splits = attention.splits(n, longest), attention.splits(a, longest)
     keep = (tokens.contiguous(), hidden.contiguous(), torch.tensor(offsets + starts, dtype=torch.int64),
@@ -44,10 +50,11 @@ def mtp_greedy(tokens: torch.Tensor, hidden: torch.Tensor, offsets: list[int], s
         float(final_norm[1]), head.data_ptr(), weight_layout(head),
         *attention._weights, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1],
         tables.data_ptr(), tables.stride(0), tables.shape[1], block_size, attention.scale, cu_splits, splits,
-        work.data_ptr(), *moe._middle, tok.data_ptr(), prev_out.data_ptr() if prev_out is not None else None)
+        work.data_ptr(), *moe._middle, float(min_confidence), tok.data_ptr(), ctypes.byref(drafted),
+        prev_out.data_ptr() if prev_out is not None else None)
     if rc != 0:
         raise RuntimeError(f"native MTP draft loop refused {a} sequences x {steps} drafts (code {rc})")
-    return tok
+    return tok[:, : drafted.value]  # [A, k]
 
 
 def native_mtp_greedy_ok(hidden: torch.Tensor, embeddings: torch.Tensor, eh_proj: torch.Tensor, head: torch.Tensor,

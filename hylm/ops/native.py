@@ -123,7 +123,7 @@ def library() -> ctypes.CDLL | None:
                                     # MoE block
                                     ptr, ptr, i64, i64, i32, f32, ptr, i32, i64, ptr, ptr, i64, ptr, i32, ptr, i32,
                                     ptr, i32, i64, ptr, f32,
-                                    ptr, ptr]
+                                    f32, ptr, ptr, ptr]  # min_confidence, tok, drafted, prev_out
     return lib
 
 

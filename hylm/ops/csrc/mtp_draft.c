@@ -27,6 +27,11 @@
  * scratch for N rows in cu_splits ranges and for A rows in `splits`. argmax: the first of equal maxima, as
  * torch.argmax. prev_out (or NULL) receives the last prev [A, D]. All fp32; tokens, offsets, starts, tables and
  * tok int64 (tok [A, steps]).
+ *
+ * Dynamic draft length: with min_confidence > 0, the loop stops at the first draft s >= 1 at which every
+ * sequence's draft has a probability (softmax of its logits, the MTP's own confidence) below min_confidence, and
+ * that draft is dropped; *drafted receives the number of drafts made (columns 0..*drafted-1 of tok). A draft the
+ * MTP is unsure of is mostly rejected, and verifying it costs a row of the target's forward.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,6 +39,7 @@
 
 #include "norm.h"
 #include "rows.h"
+#include "vec.h"
 
 int hylm_attention_rows(const float *x, int64_t N, int64_t D, const float *norm_w, float eps, const float *wq,
                         int wq_t, const float *wk, int wk_t, const float *wv, int wv_t, const float *wo, int wo_t,
@@ -46,17 +52,33 @@ int hylm_moe_rows(const float *x, int64_t R, int64_t D, const float *router, con
                   const float *shared_up, int shared_up_t, const float *shared_down, int shared_down_t, int64_t S,
                   const float *norm_w, float eps, int residual, float *out);
 
-static void head_argmax(const float *prev, const float *head, int head_t, float *logits, int64_t A, int64_t D,
-                        int64_t V, int64_t *tok, int64_t steps, int64_t s) {
+/* softmax probability of logit l[best] = max of l [V]: 1 / sum(exp(l - l[best])) */
+static float top_probability(const float *l, int64_t V, float top) {
+    v8 sums = {0};
+    int64_t v = 0;
+    for (; v + 8 <= V; v += 8) sums += exp8(load8(l + v) - top);
+    float total = 0.0f;
+    for (int j = 0; j < 8; j++) total += sums[j];
+    for (; v < V; v++) total += expf(l[v] - top);
+    return 1.0f / total;
+}
+
+/* each sequence's draft s (the argmax of its logits); returns whether any of them has a probability of at least
+ * min_confidence (always true when min_confidence <= 0) */
+static int head_argmax(const float *prev, const float *head, int head_t, float *logits, int64_t A, int64_t D,
+                       int64_t V, int64_t *tok, int64_t steps, int64_t s, float min_confidence) {
 #pragma omp parallel
     rows_product(prev, head, head_t, logits, A, D, V);
+    int confident = min_confidence <= 0.0f;
     for (int64_t a = 0; a < A; a++) {
         const float *l = logits + a * V;
         int64_t best = 0;
         for (int64_t v = 1; v < V; v++)
             if (l[v] > l[best]) best = v;
         tok[a * steps + s] = best;
+        if (!confident && top_probability(l, V, l[best]) >= min_confidence) confident = 1;
     }
+    return confident;
 }
 
 static void mtp_input(const int64_t *tokens, const float *hidden, int64_t R, int64_t D, const float *emb,
@@ -92,7 +114,7 @@ int hylm_mtp_greedy(int64_t A, int64_t D, int64_t V, int64_t steps, int64_t N, c
                     float scaling, const float *fc1, int fc1_t, int64_t L, const float *up, const float *down,
                     int64_t I, const float *fc2, int fc2_t, const float *shared_up, int shared_up_t,
                     const float *shared_down, int shared_down_t, int64_t S, const float *m_norm_w, float m_eps,
-                    int64_t *tok, float *prev_out) {
+                    float min_confidence, int64_t *tok, int64_t *drafted, float *prev_out) {
     if (A < 1 || D < 1 || V < 1 || steps < 1 || N < A || block_size < 1 || offsets[0] != 0 || offsets[A] != N)
         return -1;
     for (int64_t a = 0; a < A; a++) {
@@ -130,6 +152,7 @@ int hylm_mtp_greedy(int64_t A, int64_t D, int64_t V, int64_t steps, int64_t N, c
                                  cu_tables ? table_width : 0, lengths, block_size, scale, cu_splits, work, y);
     for (int64_t a = 0; a < A && rc == 0; a++)  /* the MoE and the head read each sequence's last row only */
         memcpy(x + a * D, y + (offsets[a + 1] - 1) * D, (size_t)D * sizeof(float));
+    *drafted = 0;
     for (int64_t s = 0; s < steps && rc == 0; s++) {
         if (s > 0) {  /* the next position reads the previous draft and the MTP's own output there */
             for (int64_t a = 0; a < A; a++) {
@@ -149,7 +172,11 @@ int hylm_mtp_greedy(int64_t A, int64_t D, int64_t V, int64_t steps, int64_t N, c
                            y);
         if (rc) break;
         for (int64_t a = 0; a < A; a++) rmsnorm_row(y + a * D, final_w, final_eps, D, prev + a * D);
-        head_argmax(prev, head, head_t, logits, A, D, V, tok, steps, s);
+        *drafted = s + 1;
+        if (!head_argmax(prev, head, head_t, logits, A, D, V, tok, steps, s, min_confidence) && s > 0) {
+            *drafted = s;
+            break;
+        }
     }
     if (rc == 0 && prev_out) memcpy(prev_out, prev, (size_t)(A * D) * sizeof(float));
     free(buf), free(ids), free(cu_tables);
