@@ -113,8 +113,11 @@ def test_native_rows_route():
 
 @needs_native
 @pytest.mark.parametrize("threads", [1, 3])
-def test_native_streaming_any_thread_count(threads):
-    """The streaming order splits outputs into one range per thread: uneven splits, more threads than cores."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_native_streaming_any_thread_count(monkeypatch, threads, packed):
+    """The streaming order and the panels split outputs into one range per thread: uneven splits, more threads than
+    cores."""
+    monkeypatch.setattr(linear_op, "PACK_MAX_ELEMENTS", 1 << 22 if packed else 0)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -127,3 +130,42 @@ def test_native_streaming_any_thread_count(threads):
             assert (linear(x, w).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
     finally:
         torch.set_num_threads(before)
+
+
+@needs_native
+@pytest.mark.parametrize("n, k", [(912, 192), (37, 5), (16, 64), (2048, 17)])
+def test_panels_equal_the_column_major_kernels_bit_for_bit(n, k):
+    """A column-major weight packed in panels of 16 outputs (rows.h, ROWS_PANELS; the last panel partly padding)
+    gives the column-major kernels' results exactly, for every row count they serve (1-8 streamed, 9-64 tiled),
+    and a float64 product's within fp32 rounding; outputs past N are never written."""
+    lib = __import__("hylm.ops.native", fromlist=["x"]).library()
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g).t().contiguous().t()  # [N, K] column-major
+    panels = linear_op.packed_weight(w)
+    assert panels.shape == (-(-n // 16), k, 16) and not panels.reshape(-1, 16)[-1, n % 16 or 16:].any()
+    for rows in (1, 2, 3, 4, 5, 8, 9, 17, 64):
+        x = torch.randn(rows, k, generator=g)
+        column_major = torch.empty(rows, n)
+        assert lib.hylm_linear_rows_t(x.data_ptr(), w.data_ptr(), None, column_major.data_ptr(), rows, k, n) == 0
+        buffer = torch.full((rows * n + 16,), float("nan"))  # 16 guard entries after the output
+        assert lib.hylm_linear_rows_panels(x.data_ptr(), panels.data_ptr(), None, buffer.data_ptr(), rows, k, n) == 0
+        out = buffer[: rows * n].view(rows, n)
+        assert torch.equal(out, column_major), rows
+        assert buffer[rows * n:].isnan().all()
+        ref = _reference(x, w, None)
+        assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_native
+def test_packed_weights_follow_updates_in_place():
+    """linear() keeps a weight's panels while the weight lives; an in-place update packs it again."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(400, 96, generator=g).t().contiguous().t()
+    x = torch.randn(2, 96, generator=g)
+    first = linear(x, w)
+    assert id(w) in linear_op._packed
+    with torch.no_grad():
+        w.mul_(2.0)
+    torch.testing.assert_close(linear(x, w), 2 * first)
+    del w
+    assert not any(ref() is not None and ref().shape == (400, 96) for ref, *_ in linear_op._packed.values())

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..config import ATTENTION, MOE, ModelConfig
+from ..ops.linear import native_weight
 from ..ops.mtp_draft import mtp_greedy, native_mtp_greedy_ok
 from . import fused
 from .batch import Batch, State
@@ -72,18 +73,19 @@ class MTP(nn.Module):
         ready = self._draft_plan(hidden, embeddings, head)
         if ready is None:
             return None
-        attention, moe = ready
+        attention, moe, eh_proj_weight, head_weight = ready
         first, last = self.layers[0], self.layers[-1]
         ends = [c + n + steps - 1 for c, n in zip(batch.context_lens, batch.seq_lens)]  # positions written, + 1
         k_cache, v_cache, tables, block_size = state.kv_block_tables(first.mixer.layer_idx, batch.slots, ends)
         return mtp_greedy(tokens, hidden, batch.offsets, batch.context_lens, steps, embeddings.weight,
                           (first.enorm.weight, first.enorm.eps), (first.hnorm.weight, first.hnorm.eps),
-                          first.eh_proj.weight, (last.final_layernorm.weight, last.final_layernorm.eps), head.weight,
+                          eh_proj_weight, (last.final_layernorm.weight, last.final_layernorm.eps), head_weight,
                           attention, k_cache, v_cache, tables, block_size, moe, prev_out, min_confidence)
 
     def _draft_plan(self, hidden: torch.Tensor, embeddings: nn.Module, head: nn.Module) -> tuple | None:
         """The attention and MoE plans of an MTP block the native draft loop can run with these embeddings and
-        head, or None; worked out again only when a tensor of the block, the head or the embeddings changed."""
+        head, and its eh_proj and head weights as the kernels read them (`native_weight`), or None; worked out
+        again only when a tensor of the block, the head or the embeddings changed."""
         plans = tuple(self._native.plans_for(self.layers))
         # the plans themselves stay referenced by the cache, so no new plan can take an old one's id
         key = (tuple(map(id, plans)), *((t.data_ptr(), t.dtype, t.shape, t.stride(),
@@ -91,7 +93,7 @@ class MTP(nn.Module):
                                         for t in (embeddings.weight, head.weight)), hidden.shape[-1])
         cache = self._draft_cache
         if cache.key == key:
-            return plans if cache.ok else None
+            return (*plans, *cache.weights) if cache.ok else None
         first, last = self.layers[0], self.layers[-1]
         ok = ([layer.kind for layer in self.layers] == [ATTENTION, MOE] and type(embeddings) is nn.Embedding
               and all(type(m) in (nn.Linear, Linear) and m.bias is None for m in (first.eh_proj, head))
@@ -100,18 +102,20 @@ class MTP(nn.Module):
               and native_mtp_greedy_ok(hidden, embeddings.weight, first.eh_proj.weight, head.weight,
                                        (first.enorm.weight, first.hnorm.weight, last.final_layernorm.weight)))
         cache.key, cache.plans, cache.ok = key, plans, ok
-        return plans if ok else None
+        cache.weights = (native_weight(first.eh_proj.weight), native_weight(head.weight)) if ok else ()
+        return (*plans, *cache.weights) if ok else None
 
 
 class _DraftCache:
     """`MTP._draft_plan`'s last answer. Plans point at the original's tensors: a copied model starts empty."""
 
-    __slots__ = ("key", "plans", "ok")
+    __slots__ = ("key", "plans", "ok", "weights")
 
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.plans: tuple = ()
         self.ok = False
+        self.weights: tuple = ()
 
     def __deepcopy__(self, memo: dict) -> "_DraftCache":
         return _DraftCache()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .linear import fp32_cpu, linear, weight_layout
+from .linear import fp32_cpu, linear, native_weight, weight_layout
 from .paged_attention import _splits, paged_decode_reference
 
 MAX_ROWS = 64  # new tokens per call (beyond, oneDNN/MKL products amortise their dispatch)
@@ -41,12 +41,12 @@ class NativeAttention:
 
     def __init__(self, norm_weight: torch.Tensor, eps: float, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
                  wo: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
-        self.keep = (norm_weight, wq, wk, wv, wo)  # alive while in use
+        weights = [native_weight(w) for w in (wq, wk, wv, wo)]  # panels where that reads faster
+        self.keep = (norm_weight, weights)  # alive while in use
         self.heads, self.kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.group = num_heads // num_kv_heads
         self._kernel = native.library().hylm_attention_rows
-        self._weights = (norm_weight.data_ptr(), float(eps),
-                         *(v for w in (wq, wk, wv, wo) for v in (w.data_ptr(), weight_layout(w))),
+        self._weights = (norm_weight.data_ptr(), float(eps), *(v for w in weights for v in (w.tensor.data_ptr(), w.layout)),
                          num_heads, num_kv_heads, head_dim)
         self.scale = float(scale)
 

@@ -12,6 +12,9 @@ rows, so those stay on `F.linear`. GPUs, other dtypes and anything autograd must
 
 from __future__ import annotations
 
+import weakref
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +51,15 @@ NATIVE_MAX_WEIGHT = 1 << 20
 # [512, 32000]: 1.9 vs 2.6 ms here; in an engine decode step of benchmarks/bench_cpu.py's model 5.7 vs 6.3 ms per
 # token).
 
+# The few-row kernels read a column-major weight fastest packed in panels of 16 outputs (rows.h, ROWS_PANELS: each
+# weight byte once and in order, whatever the rows; 1.7-2.3x the streaming order on 1-4 rows with the weights in
+# L3, the same sums bit for bit). The panels are a copy kept beside the parameter (which PyTorch's paths, prefill
+# and training, go on reading), made once per weight and storage version: so only weights up to PACK_MAX_ELEMENTS
+# (16 MB) are packed, those a small model's decode reads from the caches; a large model's stay single.
+PANEL = 16
+PANELS = 2  # the kernels' layout code for packed panels
+PACK_MAX_ELEMENTS = 1 << 22
+
 enabled = True  # benchmarks flip this to measure the difference in one process
 
 
@@ -57,6 +69,58 @@ def weight_layout(w: torch.Tensor | None) -> int | None:
     if w is None or w.is_contiguous():
         return 0
     return 1 if w.dim() == 2 and w.t().is_contiguous() else None
+
+
+class NativeWeight(NamedTuple):
+    """A weight as the native kernels take it: the tensor they read and its layout code (0 row-major, 1 column-major,
+    PANELS packed)."""
+    tensor: torch.Tensor
+    layout: int
+
+
+def packed_weight(w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] (any layout) -> its panels [ceil(N / 16), K, 16] fp32: panel p holds columns 16p..16p+15 of w^T,
+    zero past N."""
+    n, k = w.shape
+    panels = -(-n // PANEL)
+    with torch.no_grad():
+        wt = torch.zeros(k, panels * PANEL, dtype=torch.float32)  # [K, N padded]
+        wt[:, :n] = w.t()
+        return wt.view(k, panels, PANEL).permute(1, 0, 2).contiguous()  # [panels, K, 16]
+
+
+def native_weight(w: torch.Tensor | NativeWeight | None) -> NativeWeight | None:
+    """How the native kernels should read w: a column-major fp32 CPU weight of at most PACK_MAX_ELEMENTS packed in
+    panels (a new tensor: keep it alive while its address is in use), anything else as it is (its layout may be
+    None: not readable). None stays None."""
+    if w is None or isinstance(w, NativeWeight):
+        return w
+    layout = weight_layout(w)
+    if layout == 1 and w.numel() <= PACK_MAX_ELEMENTS and fp32_cpu(w):
+        return NativeWeight(packed_weight(w), PANELS)
+    return NativeWeight(w, layout)
+
+
+_packed: dict[int, tuple] = {}  # id(weight) -> (a weak reference to it, its storage and version, its panels)
+
+
+def _cached_native_weight(w: torch.Tensor) -> NativeWeight:
+    """native_weight(w), kept while w lives and is neither replaced in storage nor updated in place."""
+    key = (w.data_ptr(), -1 if w.is_inference() else w._version)
+    hit = _packed.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == key:
+        return hit[2]
+    prepared = native_weight(w)
+    if prepared.layout == PANELS:  # only the copy is held, and only while w lives
+        _packed[id(w)] = (weakref.ref(w, _forget(id(w))), key, prepared)
+    return prepared
+
+
+def _forget(ident: int):
+    def drop(ref: weakref.ref) -> None:
+        if _packed.get(ident, (None,))[0] is ref:
+            del _packed[ident]
+    return drop
 
 
 def fp32_cpu(*tensors: torch.Tensor | None) -> bool:
@@ -125,8 +189,9 @@ def _native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)  # [R, out]
     b = bias.contiguous() if bias is not None else None
     lib = native.library()
-    kernel = lib.hylm_linear_rows_t if weight_layout(weight) else lib.hylm_linear_rows  # [in, out] or [out, in]
-    if kernel(rows.data_ptr(), weight.data_ptr(), b.data_ptr() if b is not None else None, out.data_ptr(),
+    w = _cached_native_weight(weight)
+    kernel = (lib.hylm_linear_rows, lib.hylm_linear_rows_t, lib.hylm_linear_rows_panels)[w.layout]
+    if kernel(rows.data_ptr(), w.tensor.data_ptr(), b.data_ptr() if b is not None else None, out.data_ptr(),
               rows.shape[0], k, n) != 0:
         raise RuntimeError(f"native linear kernel refused rows={rows.shape[0]}, in={k}, out={n}")
     return out.view(*x.shape[:-1], n)

@@ -9,7 +9,7 @@ import math
 import torch
 
 from . import native
-from .linear import fp32_cpu, weight_layout
+from .linear import fp32_cpu, native_weight, weight_layout
 
 
 MAX_CONV_KERNEL = 16  # CONV_MAX_KERNEL in hylm/ops/csrc/mamba_step.c
@@ -75,14 +75,15 @@ class NativeMambaBlock:
         dtb = dt_bias.to(f32).contiguous()
         a = (-torch.exp(A_log.float())).contiguous()  # [H]
         d = D.to(f32).contiguous() if D is not None else None
+        in_proj, out_proj = native_weight(in_proj), native_weight(out_proj)  # panels where that reads faster
         self.keep = (norm_weight, in_proj, out_proj, w, cb, dtb, a, d, gnorm_weight)  # alive while in use
         self.conv_dim, self.kernel = w.shape
         self.heads, self.head_dim, self.state_size = num_heads, head_dim, state_size
         lo, hi = dt_limits
 
         self._kernel = native.library().hylm_mamba_rows
-        self._weights = (norm_weight.data_ptr(), float(eps), in_proj.data_ptr(), weight_layout(in_proj),
-                         out_proj.data_ptr(), weight_layout(out_proj))
+        self._weights = (norm_weight.data_ptr(), float(eps), in_proj.tensor.data_ptr(), in_proj.layout,
+                         out_proj.tensor.data_ptr(), out_proj.layout)
         self._constants = (w.data_ptr(), cb.data_ptr() if cb is not None else None, self.kernel, dtb.data_ptr(),
                            a.data_ptr(), d.data_ptr() if d is not None else None, float(lo),
                            float(hi if hi < math.inf else 3.0e38))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backend as _backend
-from .linear import fp32_cpu, linear, weight_layout
+from .linear import fp32_cpu, linear, native_weight, weight_layout
 
 
 def triton_available() -> bool:
@@ -211,17 +211,22 @@ class NativeMoE:
         num_experts, inter, latent = up.shape
         bias = correction_bias.float().contiguous() if correction_bias is not None else None
         norm = norm_weight.float().contiguous() if norm_weight is not None else None
+        shared_size = shared_up.shape[0] if shared_up is not None else 0
+        # the dense projections in panels where that reads faster
+        fc1, fc2, shared_up, shared_down = (native_weight(w) for w in (fc1, fc2, shared_up, shared_down))
         self.keep = (router, bias, up, down, fc1, fc2, shared_up, shared_down, norm)  # alive while in use
 
         def ptr(t: torch.Tensor | None):
             return t.data_ptr() if t is not None else None
 
+        def weight(w):  # (address, layout) of a dense projection that may be absent
+            return (w.tensor.data_ptr(), w.layout) if w is not None else (None, 0)
+
         self.hidden = router.shape[1]
         self._kernel = native.library().hylm_moe_rows
-        self._middle = (router.data_ptr(), ptr(bias), num_experts, top_k, int(normalize), float(scaling), ptr(fc1),
-                        weight_layout(fc1), latent, up.data_ptr(), down.data_ptr(), inter, ptr(fc2),
-                        weight_layout(fc2), ptr(shared_up), weight_layout(shared_up), ptr(shared_down),
-                        weight_layout(shared_down), shared_up.shape[0] if shared_up is not None else 0, ptr(norm),
+        self._middle = (router.data_ptr(), ptr(bias), num_experts, top_k, int(normalize), float(scaling),
+                        *weight(fc1), latent, up.data_ptr(), down.data_ptr(), inter, *weight(fc2), *weight(shared_up),
+                        *weight(shared_down), shared_size, ptr(norm),
                         float(eps))
         self._shape = f"hidden={self.hidden}, experts={num_experts}, top_k={top_k}, latent={latent}"
 

@@ -12,13 +12,14 @@ import torch
 
 from . import native
 from .decode_blocks import NativeAttention
-from .linear import fp32_cpu, weight_layout
+from .linear import NativeWeight, fp32_cpu, weight_layout
 from .moe import NativeMoE
 
 
 def mtp_greedy(tokens: torch.Tensor, hidden: torch.Tensor, offsets: list[int], starts: list[int], steps: int,
                embeddings: torch.Tensor, enorm: tuple[torch.Tensor, float], hnorm: tuple[torch.Tensor, float],
-               eh_proj: torch.Tensor, final_norm: tuple[torch.Tensor, float], head: torch.Tensor,
+               eh_proj: torch.Tensor | NativeWeight, final_norm: tuple[torch.Tensor, float],
+               head: torch.Tensor | NativeWeight,
                attention: NativeAttention, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                block_size: int, moe: NativeMoE, prev_out: torch.Tensor | None = None,
                min_confidence: float = 0.0) -> torch.Tensor:
@@ -29,13 +30,15 @@ def mtp_greedy(tokens: torch.Tensor, hidden: torch.Tensor, offsets: list[int], s
     target's hidden state hidden [N, D] and the token after it, tokens [N]; draft s > 0 of sequence a goes to the
     position s - 1 after its catch-up's last. tables [A, width] int64: each sequence's KV blocks (rows contiguous,
     covering every position written); caches [Hkv, rows, hd] fp32. embeddings [V, D]; norms (weight [D], eps);
-    eh_proj [D, 2D], head [V, D] (row- or column-major). Check `native_mtp_greedy_ok` first."""
+    eh_proj [D, 2D], head [V, D] (row- or column-major, or as `linear.native_weight` prepared them). Check
+    `native_mtp_greedy_ok` first."""
     n, d = hidden.shape
     a = len(offsets) - 1
     if prev_out is not None and (prev_out.shape != (a, d) or not prev_out.is_contiguous() or not fp32_cpu(prev_out)):
         raise ValueError(f"prev_out must be a contiguous fp32 CPU tensor [{a}, {d}]")
     if tables.dim() != 2 or tables.shape[0] != a or tables.dtype != torch.int64 or tables.stride(1) != 1:
         raise ValueError(f"tables must be int64 [{a}, width] with contiguous rows")
+    eh_proj, head = (w if isinstance(w, NativeWeight) else NativeWeight(w, weight_layout(w)) for w in (eh_proj, head))
     tok = torch.empty(a, steps, dtype=torch.int64)  # [A, steps]
     drafted = ctypes.c_int64(0)
     longest = max(c + offsets[i + 1] - offsets[i] + steps - 1 for i, c in enumerate(starts))  # positions seen, at most
@@ -46,8 +49,8 @@ def mtp_greedy(tokens: torch.Tensor, hidden: torch.Tensor, offsets: list[int], s
     rc = native.library().hylm_mtp_greedy(
         a, d, embeddings.shape[0], steps, n, offs_starts.data_ptr(), offs_starts.data_ptr() + 8 * (a + 1),
         tokens.data_ptr(), hidden.data_ptr(), embeddings.data_ptr(), enorm[0].data_ptr(), float(enorm[1]),
-        hnorm[0].data_ptr(), float(hnorm[1]), eh_proj.data_ptr(), weight_layout(eh_proj), final_norm[0].data_ptr(),
-        float(final_norm[1]), head.data_ptr(), weight_layout(head),
+        hnorm[0].data_ptr(), float(hnorm[1]), eh_proj.tensor.data_ptr(), eh_proj.layout, final_norm[0].data_ptr(),
+        float(final_norm[1]), head.tensor.data_ptr(), head.layout,
         *attention._weights, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1],
         tables.data_ptr(), tables.stride(0), tables.shape[1], block_size, attention.scale, cu_splits, splits,
         work.data_ptr(), *moe._middle, float(min_confidence), tok.data_ptr(), ctypes.byref(drafted),

@@ -95,6 +95,8 @@ def library() -> ctypes.CDLL | None:
     lib.hylm_linear_rows.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
     lib.hylm_linear_rows_t.restype = i32
     lib.hylm_linear_rows_t.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
+    lib.hylm_linear_rows_panels.restype = i32
+    lib.hylm_linear_rows_panels.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
     f32 = ctypes.c_float
     lib.hylm_mamba_steps.restype = i32
     lib.hylm_mamba_steps.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, f32, f32, ptr, ptr,

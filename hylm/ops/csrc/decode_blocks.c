@@ -7,7 +7,7 @@
  *                        through hylm_paged_decode (paged_decode.c)
  *
  * (The MoE block is hylm_moe_rows in moe_rows.c, the Mamba step hylm_mamba_steps in mamba_step.c.)
- * Weights as in rows.h: row-major [out, in], or column-major where the *_t flag is set; everything fp32.
+ * Weights as in rows.h: row-major [out, in], column-major or in panels as the *_t flag says; everything fp32.
  */
 #include <stdint.h>
 #include <stdlib.h>

@@ -10,7 +10,7 @@
  *   y = sum_j w_j down[ids_j] relu(up[ids_j] h)^2 [L]
  *   out = fc2 y (y itself without one) + shared_down relu(shared_up x)^2 [D] (no term without a shared expert)
  * Layouts: x [R, D], router [E, D], up [E, I, L], down [E, L, I] row-major; fc1 [L, D], fc2 [D, L], shared_up
- * [S, D], shared_down [D, S] row-major, or column-major where their *_t flag is set; all fp32, no biases.
+ * [S, D], shared_down [D, S] row-major, column-major or in panels as their *_t flag says (rows.h); all fp32, no biases.
  * The tokens routed to one expert run through it together (rows.h tiles), each phase's tiles shared by the
  * threads of one parallel region. With norm_w the input is rmsnorm(x) * norm_w (the block's pre-norm), with
  * residual the output adds x: the whole block x + moe(norm(x)) in one call.

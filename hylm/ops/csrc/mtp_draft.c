@@ -22,7 +22,7 @@
  *     tok[a, s]     = argmax(lm_head prev[a])
  * Position p of sequence a is cache row tables[a][p / block_size] * block_size + p % block_size (tables: A rows
  * of table_width block ids, table_stride apart); every block written is checked against cache_rows first.
- * Weights as in rows.h (row-major [out, in], or column-major where *_t is set); the attention and MoE arguments
+ * Weights as in rows.h (row-major [out, in], column-major or in panels as *_t says); the attention and MoE arguments
  * are those of hylm_attention_rows (decode_blocks.c) and hylm_moe_rows (moe_rows.c); `work` holds the attention's
  * scratch for N rows in cu_splits ranges and for A rows in `splits`. argmax: the first of equal maxima, as
  * torch.argmax. prev_out (or NULL) receives the last prev [A, D]. All fp32; tokens, offsets, starts, tables and
