@@ -258,26 +258,31 @@ static inline __attribute__((always_inline)) void rows_panel_tile(const float *x
         }
 }
 
-/* panels p0..p1-1 for every row: 4 rows at a time over one panel, or fewer rows over 2 or 4 panels at once, so
- * that 8 sums are always in flight */
+/* panels p0..p1-1 for every row, in chunks of ROWS_PANEL_CHUNK panels: each chunk through every group of rows
+ * while it is in L1/L2 (a weight is read from memory once, however many rows), 4 rows at a time over one panel,
+ * or fewer rows over 2 or 4 panels at once, so that 8 sums are always in flight */
+#define ROWS_PANEL_CHUNK 4
 static inline void rows_panel_range(const float *x, const float *Wp, float *y, int64_t R, int64_t K, int64_t N,
                                     int64_t p0, int64_t p1) {
-    for (int64_t r0 = 0; r0 < R; r0 += 4) {
-        const int64_t J = R - r0 < 4 ? R - r0 : 4;
-        int64_t p = p0;
-        if (J == 1)
-            for (; p + 4 <= p1; p += 4) rows_panel_tile(x, Wp, y, K, N, r0, p, 4, 1);
-        if (J <= 2)
-            for (; p + 2 <= p1; p += 2) {
-                if (J == 1) rows_panel_tile(x, Wp, y, K, N, r0, p, 2, 1);
-                else rows_panel_tile(x, Wp, y, K, N, r0, p, 2, 2);
-            }
-        for (; p < p1; p++) {
-            switch (J) {
-                case 1: rows_panel_tile(x, Wp, y, K, N, r0, p, 1, 1); break;
-                case 2: rows_panel_tile(x, Wp, y, K, N, r0, p, 1, 2); break;
-                case 3: rows_panel_tile(x, Wp, y, K, N, r0, p, 1, 3); break;
-                default: rows_panel_tile(x, Wp, y, K, N, r0, p, 1, 4);
+    for (int64_t c0 = p0; c0 < p1; c0 += ROWS_PANEL_CHUNK) {
+        const int64_t c1 = c0 + ROWS_PANEL_CHUNK < p1 ? c0 + ROWS_PANEL_CHUNK : p1;
+        for (int64_t r0 = 0; r0 < R; r0 += 4) {
+            const int64_t J = R - r0 < 4 ? R - r0 : 4;
+            int64_t p = c0;
+            if (J == 1)
+                for (; p + 4 <= c1; p += 4) rows_panel_tile(x, Wp, y, K, N, r0, p, 4, 1);
+            if (J <= 2)
+                for (; p + 2 <= c1; p += 2) {
+                    if (J == 1) rows_panel_tile(x, Wp, y, K, N, r0, p, 2, 1);
+                    else rows_panel_tile(x, Wp, y, K, N, r0, p, 2, 2);
+                }
+            for (; p < c1; p++) {
+                switch (J) {
+                    case 1: rows_panel_tile(x, Wp, y, K, N, r0, p, 1, 1); break;
+                    case 2: rows_panel_tile(x, Wp, y, K, N, r0, p, 1, 2); break;
+                    case 3: rows_panel_tile(x, Wp, y, K, N, r0, p, 1, 3); break;
+                    default: rows_panel_tile(x, Wp, y, K, N, r0, p, 1, 4);
+                }
             }
         }
     }
