@@ -305,6 +305,32 @@ def test_init_from_checkpoint_starts_a_new_run(tok_dir, tmp_path):
     again.close()
 
 
+def test_mtp_only_training_leaves_every_other_weight_bit_for_bit(tok_dir, tmp_path):
+    """--mtp-only (from a checkpoint): the MTP block learns (its loss falls on a fixed batch, its router balances),
+    while every other tensor of the saved model, buffers and router biases included, stays bit for bit."""
+    first = Trainer(small_cfg(tok_dir, tmp_path / "base", steps=2))
+    first.run()
+    first.close()
+    cfg = small_cfg(tok_dir, tmp_path / "mtp", steps=40, warmup=2, lr=1e-2, min_lr=1e-3, batch_tokens=200,
+                    init_from=str(tmp_path / "base"), tokenizer=None, mtp_only=True, mtp_depth=2)
+    trainer = Trainer(cfg)
+    assert {n for n, p in trainer.model.named_parameters() if p.requires_grad} == {
+        n for n, _ in trainer.model.named_parameters() if n.startswith("mtp.")}
+    assert len(trainer.routers) == 1  # the MTP block's
+    pb = trainer.next_batch()
+    first_step = trainer.train_step(pb)
+    for _ in range(39):
+        last = trainer.train_step(pb)
+    assert last["mtp_loss"] < 0.9 * first_step["mtp_loss"], (first_step, last)
+    assert last["main_loss"] == first_step["main_loss"]  # the main model's output did not move
+    trainer.save_final()
+    trainer.close()
+    before, after = hylm.load_model(tmp_path / "base").state_dict(), hylm.load_model(tmp_path / "mtp").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("mtp.") for k in changed)
+    assert any(k.endswith("e_score_correction_bias") for k in changed)
+
+
 def test_trains_its_own_tokenizer_when_none_is_given(tmp_path):
     cfg = TrainConfig(model="micro", out_dir=str(tmp_path / "own"), tokenizer_corpus=200, steps=1,
                       batch_tokens=200, progress=False, plot=False, mix={"copy": 1})

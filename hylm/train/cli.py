@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mtp-depth", type=int, default=_D.mtp_depth,
                    help="MTP levels trained with shared weights: draft 1..D of speculative decoding "
                         f"(default {_D.mtp_depth})")
+    p.add_argument("--mtp-only", action="store_true",
+                   help="train the MTP block alone (e.g. deeper, with --init-from): every other weight, router "
+                        "biases included, stays bit for bit, so the model's own outputs do not change")
     p.add_argument("--router-bias-rate", type=float, default=_D.router_bias_rate,
                    help="aux-loss-free MoE balancing step per update (0: off)")
     p.add_argument("--seed", type=int, default=_D.seed, help="weight initialisation seed")
@@ -99,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         init_from=args.init_from, resume=args.resume, steps=args.steps, batch_tokens=args.batch_tokens,
         seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay,
         beta1=args.beta1, beta2=args.beta2, grad_clip=args.grad_clip, mtp_weight=args.mtp_weight, mtp_depth=args.mtp_depth,
-        router_bias_rate=args.router_bias_rate, seed=args.seed, data_seed=args.data_seed,
+        mtp_only=args.mtp_only, router_bias_rate=args.router_bias_rate, seed=args.seed, data_seed=args.data_seed,
         mix=parse_mix(args.mix), task_opts=task_opts, device=args.device, dtype=args.dtype, threads=args.threads,
         log_interval=args.log_interval, eval_interval=args.eval_interval, save_interval=args.save_interval,
         keep_checkpoints=args.keep_checkpoints, pad_multiple=args.pad_multiple, progress=not args.no_progress,

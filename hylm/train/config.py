@@ -28,6 +28,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0: no clipping
     mtp_weight: float = 0.3
     mtp_depth: int = 1  # MTP levels trained (draft 1..D of speculative decoding, shared weights)
+    mtp_only: bool = False  # train the MTP block alone: every other weight (embeddings, head) stays as it is
     router_bias_rate: float = 1e-3  # 0: no balancing update
     seed: int = 0  # weight initialisation
     data_seed: int = 0  # first example seed

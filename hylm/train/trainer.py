@@ -211,13 +211,14 @@ class ExampleStream:
 
 
 # ---------------------------------------------------------------------------------------------- loss
-def compute_losses(model: NemotronHModel, pb: PackedBatch, mtp_weight: float = 0.3
+def compute_losses(model: NemotronHModel, pb: PackedBatch, mtp_weight: float = 0.3, trunk_grad: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(total loss, main next-token loss, MTP loss or None): token means over the targets; the MTP loss is
-    the mean over its levels."""
-    hidden = model.hidden_states(pb.ids, pb.batch)  # [N, D]
-    logits = model.logits(hidden[pb.rows])  # [M, V] fp32
-    main = F.cross_entropy(logits, pb.targets)
+    the mean over its levels. Without trunk_grad the main model runs without autograd (an MTP-only run)."""
+    with torch.set_grad_enabled(trunk_grad and torch.is_grad_enabled()):
+        hidden = model.hidden_states(pb.ids, pb.batch)  # [N, D]
+        logits = model.logits(hidden[pb.rows])  # [M, V] fp32
+        main = F.cross_entropy(logits, pb.targets)
     if model.mtp is None or not pb.mtp_levels or mtp_weight == 0:
         return main, main, None
     losses = []
@@ -352,11 +353,17 @@ class Trainer:
         else:
             self.model = build_model(self._model_config(), cfg.seed, self.device)
         self.config = self.model.config
+        if cfg.mtp_only:
+            if self.model.mtp is None:
+                raise ValueError("mtp_only: the model has no MTP block (num_nextn_predict_layers is 0)")
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(name.startswith("mtp."))
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
                              f"{self.config.vocab_size}")
         self.optimizer = make_optimizer(self.model, cfg)
-        self.routers = [m for m in self.model.modules() if isinstance(m, Router)]
+        # the routers whose correction biases balance their load (an MTP-only run leaves the others alone)
+        self.routers = [m for m in (self.model.mtp if cfg.mtp_only else self.model).modules() if isinstance(m, Router)]
         self._loads: dict[Router, torch.Tensor] = {}
         self._counting = False
         self._keep_rows: dict[int, torch.Tensor] = {}  # row count -> rows that are not padding
@@ -447,7 +454,7 @@ class Trainer:
         self._counting = True
         try:
             with self._autocast():
-                loss, main, mtp = compute_losses(self.model, pb, cfg.mtp_weight)
+                loss, main, mtp = compute_losses(self.model, pb, cfg.mtp_weight, trunk_grad=not cfg.mtp_only)
         finally:
             self._counting = False
         self.optimizer.zero_grad(set_to_none=True)
