@@ -46,8 +46,9 @@ class NativeAttention:
         self.heads, self.kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.group = num_heads // num_kv_heads
         self._kernel = native.library().hylm_attention_rows
-        self._weights = (norm_weight.data_ptr(), float(eps), *(v for w in weights for v in (w.tensor.data_ptr(), w.layout)),
-                         num_heads, num_kv_heads, head_dim)
+        self._weights = (norm_weight.data_ptr(), float(eps),
+                         *(v for w in weights for v in (w.tensor.data_ptr(), w.layout)), num_heads, num_kv_heads,
+                         head_dim)
         self.scale = float(scale)
 
     def __call__(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, new_rows: torch.Tensor,

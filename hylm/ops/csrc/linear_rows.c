@@ -2,7 +2,8 @@
  * batches, speculative verification. The tiles are in rows.h.
  *
  * Layouts (no padding): x [R, K], W [N, K] (hylm_linear_rows), Wt [K, N] (hylm_linear_rows_t) or its panels
- * [ceil(N / 16), K, 16] (hylm_linear_rows_panels, see rows.h), b [N] or NULL, y [R, N]; all fp32. Compiled by hylm/ops/native.py with the other sources of this directory.
+ * [ceil(N / 16), K, 16] (hylm_linear_rows_panels, see rows.h), b [N] or NULL, y [R, N]; all fp32. Compiled by
+ * hylm/ops/native.py with the other sources of this directory.
  */
 #include <stdint.h>
 
