@@ -158,14 +158,17 @@ def test_panels_equal_the_column_major_kernels_bit_for_bit(n, k):
 
 @needs_native
 def test_packed_weights_follow_updates_in_place():
-    """linear() keeps a weight's panels while the weight lives; an in-place update packs it again."""
+    """One copy of a weight's panels, shared by linear() and the native plans, kept while the weight lives; an
+    in-place update packs it again."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(400, 96, generator=g).t().contiguous().t()
     x = torch.randn(2, 96, generator=g)
     first = linear(x, w)
-    assert id(w) in linear_op._packed
+    panels = linear_op.native_weight(w)
+    assert panels.layout == linear_op.PANELS and linear_op._packed[id(w)][2] is panels
     with torch.no_grad():
         w.mul_(2.0)
     torch.testing.assert_close(linear(x, w), 2 * first)
+    assert linear_op.native_weight(w).tensor is not panels.tensor
     del w
     assert not any(ref() is not None and ref().shape == (400, 96) for ref, *_ in linear_op._packed.values())

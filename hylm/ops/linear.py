@@ -89,31 +89,26 @@ def packed_weight(w: torch.Tensor) -> torch.Tensor:
         return wt.view(k, panels, PANEL).permute(1, 0, 2).contiguous()  # [panels, K, 16]
 
 
-def native_weight(w: torch.Tensor | NativeWeight | None) -> NativeWeight | None:
-    """How the native kernels should read w: a column-major fp32 CPU weight of at most PACK_MAX_ELEMENTS packed in
-    panels (a new tensor: keep it alive while its address is in use), anything else as it is (its layout may be
-    None: not readable). None stays None."""
-    if w is None or isinstance(w, NativeWeight):
-        return w
-    layout = weight_layout(w)
-    if layout == 1 and w.numel() <= PACK_MAX_ELEMENTS and fp32_cpu(w):
-        return NativeWeight(packed_weight(w), PANELS)
-    return NativeWeight(w, layout)
-
-
 _packed: dict[int, tuple] = {}  # id(weight) -> (a weak reference to it, its storage and version, its panels)
 
 
-def _cached_native_weight(w: torch.Tensor) -> NativeWeight:
-    """native_weight(w), kept while w lives and is neither replaced in storage nor updated in place."""
+def native_weight(w: torch.Tensor | NativeWeight | None) -> NativeWeight | None:
+    """How the native kernels should read w: a column-major fp32 CPU weight of at most PACK_MAX_ELEMENTS packed in
+    panels, anything else as it is (its layout may be None: not readable). None stays None. The panels are made once
+    per weight, storage and version and shared by every caller (the plans, `linear`) while the weight lives: keep
+    the NativeWeight while its address is in use."""
+    if w is None or isinstance(w, NativeWeight):
+        return w
+    layout = weight_layout(w)
+    if not (layout == 1 and w.numel() <= PACK_MAX_ELEMENTS and fp32_cpu(w)):
+        return NativeWeight(w, layout)
     key = (w.data_ptr(), -1 if w.is_inference() else w._version)
     hit = _packed.get(id(w))
     if hit is not None and hit[0]() is w and hit[1] == key:
         return hit[2]
-    prepared = native_weight(w)
-    if prepared.layout == PANELS:  # only the copy is held, and only while w lives
-        _packed[id(w)] = (weakref.ref(w, _forget(id(w))), key, prepared)
-    return prepared
+    packed = NativeWeight(packed_weight(w), PANELS)
+    _packed[id(w)] = (weakref.ref(w, _forget(id(w))), key, packed)  # only the copy is held, only while w lives
+    return packed
 
 
 def _forget(ident: int):
@@ -189,7 +184,7 @@ def _native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)  # [R, out]
     b = bias.contiguous() if bias is not None else None
     lib = native.library()
-    w = _cached_native_weight(weight)
+    w = native_weight(weight)
     kernel = (lib.hylm_linear_rows, lib.hylm_linear_rows_t, lib.hylm_linear_rows_panels)[w.layout]
     if kernel(rows.data_ptr(), w.tensor.data_ptr(), b.data_ptr() if b is not None else None, out.data_ptr(),
               rows.shape[0], k, n) != 0:
